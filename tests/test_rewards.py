@@ -124,3 +124,10 @@ def test_resolve_unknown(name):
     assert "accuracy_strict" in str(info.value)  # the message lists the known names
     assert isinstance(info.value, KeyError) and isinstance(info.value, UnknownRewardError)
     assert not is_known(name)
+
+
+def test_digits_reward_is_the_digit_fraction():
+    from actors.rewards import resolve
+
+    assert resolve("digits")("12 ab", "0") == 2 / 4
+    assert resolve("digits")("   ", "0") == 0.0

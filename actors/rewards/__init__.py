@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from actors.rewards.math import accuracy, accuracy_strict, format_reward, single_number
+from actors.rewards.math import accuracy, accuracy_strict, digits, format_reward, single_number
 
 RewardFn = Callable[[str, str], float]
 
@@ -19,6 +19,7 @@ REWARDS: dict[str, RewardFn] = {
     "accuracy_strict": accuracy_strict,
     "format": format_reward,
     "single_number": single_number,
+    "digits": digits,
 }
 
 

@@ -114,3 +114,10 @@ def format_reward(completion: str, answer: str) -> float:
 def single_number(completion: str, answer: str) -> float:
     """1.0 when the reply holds exactly one number (a terse-answer format reward)."""
     return float(len(_NUMBER_RE.findall(completion)) == 1)
+
+
+def digits(completion: str, answer: str) -> float:
+    """Fraction of the reply's non-space characters that are digits: a dense shaping signal that
+    even an untrained (random) model has variance on — the smoke run trains on it."""
+    chars = [c for c in completion if not c.isspace()]
+    return sum(c.isdigit() for c in chars) / len(chars) if chars else 0.0

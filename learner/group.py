@@ -1,0 +1,42 @@
+"""LearnerGroup: N LearnerWorker Ray actors forming one torch.distributed world; fans calls out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from learner.batch import TrainBatch
+from learner.worker import LearnerWorker
+
+
+class LearnerGroup:
+    def __init__(self, num_ranks: int, actor_options: list[dict[str, Any]], **setup_kwargs: Any):
+        """`actor_options[r]` are Ray options for rank r (resources, scheduling strategy)."""
+        remote = ray.remote(LearnerWorker)
+        self.workers = [remote.options(**actor_options[r]).remote(r, num_ranks) for r in range(num_ranks)]
+        master = ray.get(self.workers[0].address.remote())
+        ray.get([w.setup.remote(master, **setup_kwargs) for w in self.workers])
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        n = len(self.workers)
+        return ray.get([w.train_step.remote(batch.shard(r, n)) for r, w in enumerate(self.workers)])[0]
+
+    def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
+        return ray.get(self.workers[0].weight_manifest.remote())
+
+    def join_weight_group(self, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Start joining (rank 0 hosts the group); returns refs to wait on with the engines' joins."""
+        return [w.join_weight_group.remote(**kwargs) for w in self.workers]
+
+    def broadcast_weights(self) -> list[ray.ObjectRef]:
+        """Start a broadcast; ref 0 resolves to rank 0's per-bucket checksums."""
+        return [w.broadcast_weights.remote() for w in self.workers]
+
+    def save_pretrained(self, path: str) -> None:
+        ray.get([w.save_pretrained.remote(path) for w in self.workers])
+
+    def shutdown(self) -> None:
+        ray.get([w.shutdown.remote() for w in self.workers])
+        for w in self.workers:
+            ray.kill(w)

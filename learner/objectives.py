@@ -1,0 +1,79 @@
+"""Objectives: what the learner minimises, as picklable callables over one micro-batch.
+
+The learner worker knows nothing about the algorithm: it computes token logprobs (and, when an
+objective asks, reference logprobs and entropy) and hands them to an objective. GRPO and its
+variants are one objective configured by `algo`; SFT is another (for cold-start and distillation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from learner import grpo
+
+
+@dataclass
+class Micro:
+    """Tensors of one micro-batch, in the scored window of `learner.batch.Padded`."""
+
+    logp: torch.Tensor  # [b, T] learner logprobs of the sampled tokens (with grad)
+    old_logp: torch.Tensor  # [b, T] behaviour-policy logprobs (no grad)
+    mask: torch.Tensor  # [b, T]
+    advantages: torch.Tensor  # [b]
+    entropy: Optional[torch.Tensor]  # [b, T] when the objective needs it
+    ref_logp: Optional[torch.Tensor]  # [b, T] when the objective needs it
+    num_tokens: int  # valid tokens of the whole (global) mini-batch
+    num_seqs: int  # sequences of the whole (global) mini-batch
+
+
+@dataclass
+class GRPOObjective:
+    """Clipped-surrogate policy loss (+ KL to a reference, − entropy bonus), per `algo`."""
+
+    loss: str = "ppo"  # "ppo" (token ratio) | "gspo" (sequence ratio)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "seq_mean_token_mean"
+    max_tokens: Optional[int] = None  # Dr. GRPO's constant normaliser (max new tokens)
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    @property
+    def needs_entropy_grad(self) -> bool:
+        return self.entropy_coef > 0
+
+    def __call__(self, mb: Micro) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        agg = dict(agg=self.agg, max_tokens=self.max_tokens, num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)
+        surrogate = grpo.gspo_loss if self.loss == "gspo" else grpo.policy_loss
+        loss, metrics = surrogate(mb.logp, mb.old_logp, mb.advantages, mb.mask,
+                                  clip_low=self.clip_low, clip_high=self.clip_high, **agg)
+        if self.kl_coef > 0:
+            kl_tok = grpo.kl_penalty(mb.logp, mb.ref_logp, self.kl_estimator)
+            loss = loss + self.kl_coef * grpo.aggregate_loss(kl_tok, mb.mask, self.agg, max_tokens=self.max_tokens,
+                                                              num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)
+            metrics["kl_ref"] = grpo.masked_mean(kl_tok.detach(), mb.mask)
+        if self.entropy_coef > 0:
+            loss = loss - self.entropy_coef * grpo.aggregate_loss(
+                mb.entropy, mb.mask, self.agg, max_tokens=self.max_tokens,
+                num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)
+        return loss, metrics
+
+
+@dataclass
+class SFTObjective:
+    """Token-mean negative log-likelihood of the completion tokens (cold-start SFT, distillation)."""
+
+    needs_reference: bool = False
+    needs_entropy_grad: bool = False
+
+    def __call__(self, mb: Micro) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        nll = torch.where(mb.mask > 0, -mb.logp, torch.zeros_like(mb.logp))
+        return nll.sum() / max(mb.num_tokens, 1), {"nll": grpo.masked_mean(-mb.logp.detach(), mb.mask)}

@@ -1,0 +1,287 @@
+"""LearnerWorker: one rank of the learner world — an FSDP2-sharded causal LM and its optimizer.
+
+Each rank is a Ray actor (see `learner.group`). Ranks form one torch.distributed world (gloo on
+CPU, NCCL on GPU); the policy is sharded with FSDP2 (`fully_shard` per decoder layer, then the
+root), with bf16 compute / fp32 reductions on GPU and fp32 on CPU. One `train_step` consumes
+this rank's shard of a batch: optionally split into `num_minibatches` optimizer steps, each
+accumulated over micro-batches bounded by a token budget, so memory does not grow with the batch.
+
+The worker knows nothing about the algorithm: an objective (`learner.objectives`) turns token
+logprobs into a loss. Losses are normalised by global (all-rank, whole mini-batch) token and
+sequence counts and multiplied by the world size (FSDP averages gradients), so the gradient
+equals that of the full batch's loss, whatever the micro-batching.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from learner.batch import TrainBatch, micro_batches, pad
+from learner.objectives import Micro
+from learner.weights import BroadcastTransport, TensorSpec, checksum, pack, plan_buckets
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [b, T, V], targets [b, T] -> logprob of each target [b, T] (no full log-softmax copy)."""
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [b, T, V] -> entropy of each position's distribution [b, T]."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def address(self) -> str:
+        """host:port where this rank can host the torch.distributed rendezvous."""
+        import ray
+
+        return f"{ray.util.get_node_ip_address()}:{free_port()}"
+
+    def setup(self, master: str, *, model_path: str, objective: Any,
+                 lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
+                 schedule: str = "constant", total_steps: int = 1, grad_clip: float = 1.0,
+                 micro_batch_tokens: int = 4096, num_minibatches: int = 1, temperature: float = 1.0,
+                 mixed_precision: bool = True, gradient_checkpointing: bool = False, seed: int = 0) -> None:
+        rank, world_size = self.rank, self.world_size
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size)
+        torch.manual_seed(seed)
+        self.objective, self.temperature = objective, temperature
+        self.grad_clip, self.micro_batch_tokens, self.num_minibatches = grad_clip, micro_batch_tokens, num_minibatches
+        mp = mixed_precision and self.device.type == "cuda"
+        self.model = self._load(model_path, mp, gradient_checkpointing, trainable=True)
+        self.ref = self._load(model_path, mp, False, trainable=False) if objective.needs_reference else None
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(warmup_steps, schedule, total_steps * num_minibatches))
+        self.transport: BroadcastTransport | None = None
+
+    def _load(self, path: str, mixed_precision: bool, checkpointing: bool, trainable: bool):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(self.device)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+            else MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        model.train(trainable)
+        model.requires_grad_(trainable)
+        return model
+
+    # ---------------------------------------------------------------- forward
+
+    def _forward(self, model, padded, with_entropy: bool, entropy_grad: bool):
+        """Token logprobs (and entropy) over the scored window; logits only for that window."""
+        keep = padded.input_ids.shape[1] - padded.start
+        out = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, logits_to_keep=keep)
+        logits = out.logits.float() / self.temperature
+        logp = token_logprobs(logits, padded.targets)
+        entropy = None
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = token_entropy(logits if entropy_grad else logits.detach())
+        return logp, entropy
+
+    @torch.no_grad()
+    def _recompute_logprobs(self, batch: TrainBatch, model) -> list[torch.Tensor]:
+        """Per-sequence logprobs of the completion tokens under `model` (no grad)."""
+        result: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        for idx in self._micro_plan(batch):
+            if not idx:
+                self._dummy_forward(model, batch)
+                continue
+            padded = pad(batch.select(idx), self.pad_id, self.device)
+            logp, _ = self._forward(model, padded, False, False)
+            for row, i in enumerate(idx):
+                result[i] = logp[row][padded.mask[row] > 0].cpu() if batch.loss_weights[i] > 0 else torch.empty(0)
+        return result
+
+    def _dummy_forward(self, model, batch: TrainBatch) -> None:
+        """Keep FSDP collectives in step on a rank with fewer micro-batches than its peers."""
+        padded = pad(batch.select([0]), self.pad_id, self.device)
+        logp, _ = self._forward(model, padded, False, False)
+        if torch.is_grad_enabled():
+            (logp.sum() * 0.0).backward()
+
+    def _micro_plan(self, batch: TrainBatch) -> list[list[int]]:
+        plan = micro_batches(batch.lengths(), self.micro_batch_tokens)
+        count = torch.tensor([len(plan)])
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return micro_batches(batch.lengths(), self.micro_batch_tokens, int(count))
+
+    def _global(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    # ---------------------------------------------------------------- training
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """Consume this rank's shard: `num_minibatches` optimizer steps; returns rank-0 metrics."""
+        old = self._recompute_logprobs(batch, self.model) if self.num_minibatches > 1 else None
+        per = len(batch) // self.num_minibatches
+        stats = _Stats()
+        for m in range(self.num_minibatches):
+            index = list(range(m * per, (m + 1) * per))
+            self._minibatch(batch.select(index), [old[i] for i in index] if old else None, stats)
+        return stats.finish(self._global)
+
+    def _minibatch(self, batch: TrainBatch, old: list[torch.Tensor] | None, stats: "_Stats") -> None:
+        mask_counts = [len(c) if w > 0 else 0 for c, w in zip(batch.completion_ids, batch.loss_weights)]
+        num_tokens, num_seqs = self._global(sum(mask_counts), sum(w > 0 for w in batch.loss_weights))
+        self.optimizer.zero_grad(set_to_none=True)
+        obj = self.objective
+        for idx in self._micro_plan(batch):
+            if not idx:
+                self._dummy_forward(self.model, batch)
+                continue
+            padded = pad(batch.select(idx), self.pad_id, self.device)
+            logp, entropy = self._forward(self.model, padded, True, obj.needs_entropy_grad)
+            ref = self._forward(self.ref, padded, False, False)[0].detach() if self.ref is not None else None
+            old_logp = logp.detach() if old is None else _scatter(old, idx, padded)
+            loss, metrics = obj(Micro(logp, old_logp, padded.mask, padded.advantages, entropy, ref,
+                                      int(num_tokens), int(num_seqs)))
+            (loss * self.world_size).backward()
+            stats.add_micro(loss.item(), metrics, logp.detach(), entropy, padded, old is None)
+        grad_norm = self._clip_and_step()
+        stats.add_step(grad_norm, self.scheduler.get_last_lr()[0])
+
+    def _clip_and_step(self) -> float:
+        """Clip, step, advance the schedule; a non-finite grad norm skips the update (all ranks agree)."""
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+    # ---------------------------------------------------------------- weights out
+
+    def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, full shape) of every parameter in broadcast order (tied weights once)."""
+        return [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
+
+    def join_weight_group(self, host: str, port: int, world_size: int, generation: int, timeout_s: float,
+                          backend: str, dtype: str, bucket_bytes: int) -> None:
+        """Rank 0 joins the broadcast group as its root; other ranks only remember the plan."""
+        self.wire_dtype = getattr(torch, dtype)
+        element_size = torch.empty((), dtype=self.wire_dtype).element_size()
+        self.buckets = plan_buckets([TensorSpec(n, s) for n, s in self.weight_manifest()], bucket_bytes, element_size)
+        if self.rank == 0:
+            if self.transport is not None:
+                self.transport.close()
+            self.transport = BroadcastTransport(host, port, 0, world_size, backend, generation, timeout_s)
+
+    def broadcast_weights(self) -> list[tuple[float, float]]:
+        """Gather full tensors bucket by bucket (all ranks) and broadcast them from rank 0."""
+        params = dict(self.model.named_parameters())
+        sums = []
+        with torch.no_grad():
+            for bucket in self.buckets:
+                full = [_full(params[spec.name]) for spec in bucket]
+                if self.rank == 0:
+                    buf = pack(full, sum(s.numel for s in bucket), self.wire_dtype, self.device)
+                    self.transport.send(buf)
+                    sums.append(checksum(buf))
+        return sums
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the full policy as a Hugging Face directory (rank 0 writes; all ranks gather)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
+        dist.barrier()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
+
+
+def _scatter(old: list[torch.Tensor], idx: list[int], padded) -> torch.Tensor:
+    """Place recomputed per-sequence logprobs into the micro-batch's window layout."""
+    out = torch.zeros_like(padded.mask)
+    for row, i in enumerate(idx):
+        if old[i].numel():
+            out[row][padded.mask[row] > 0] = old[i].to(out.device)
+    return out
+
+
+def _lr_lambda(warmup: int, schedule: str, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+class _Stats:
+    """Token-weighted means of micro-batch metrics, reduced over ranks at the end of a step."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.tokens = 0.0
+        self.steps: list[tuple[float, float]] = []
+
+    def add_micro(self, loss, metrics, logp, entropy, padded, on_policy: bool) -> None:
+        mask = padded.mask
+        n = float(mask.sum())
+        values = {k: float(v) for k, v in metrics.items()}
+        if entropy is not None:
+            values["entropy"] = float((entropy.detach() * mask).sum() / max(n, 1))
+        values["logprob_mismatch"] = float(((logp - padded.rollout_logprobs).abs() * mask).sum() / max(n, 1))
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+        self.sums["loss"] = self.sums.get("loss", 0.0) + loss
+        self.tokens += n
+
+    def add_step(self, grad_norm: float, lr: float) -> None:
+        self.steps.append((grad_norm, lr))
+
+    def finish(self, all_reduce) -> dict[str, float]:
+        keys = sorted(self.sums)
+        totals = all_reduce(*([self.sums[k] for k in keys] + [self.tokens]))
+        tokens = max(totals[-1], 1.0)
+        out = {k: (v if k == "loss" else v / tokens) for k, v in zip(keys, totals[:-1])}
+        out["loss"] = out["loss"] / len(self.steps)
+        out["grad_norm"] = self.steps[-1][0]
+        out["lr"] = self.steps[-1][1]
+        out["skipped_steps"] = float(sum(not math.isfinite(g) for g, _ in self.steps))
+        out["train_tokens"] = totals[-1]
+        return out

@@ -1,0 +1,3 @@
+from orchestration.main import main
+
+main()

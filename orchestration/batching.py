@@ -1,0 +1,53 @@
+"""From scored groups to a TrainBatch: rewards → group-relative advantages (via learner.grpo).
+
+A sample whose reward failed (raised or timed out) is excluded from training (loss weight 0) and
+from its group's baseline; its reward slot takes the mean of the group's successful rewards so
+the math stays dense. A group with no successful sample contributes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from actors.scoring import Score
+from actors.types import Group
+from learner import grpo
+from learner.batch import TrainBatch
+
+
+def advantages(rewards: torch.Tensor, group_size: int, algo: Any) -> torch.Tensor:
+    """rewards [B] -> advantages [B] per `algo.advantage` (grpo | rloo)."""
+    if algo.advantage == "rloo":
+        return grpo.rloo_advantages(rewards, group_size)
+    return grpo.group_advantages(rewards, group_size, scale_by_std=algo.scale_by_std)
+
+
+def build_batch(groups: list[Group], scores: list[list[Score]], algo: Any) -> tuple[TrainBatch, torch.Tensor]:
+    """Returns the batch and the raw rewards [P, G] (NaN where the reward failed)."""
+    G = len(groups[0].completions)
+    raw = torch.tensor([[s.reward if s.status == "ok" else float("nan") for s in row] for row in scores])
+    ok = ~raw.isnan()
+    fill = torch.nan_to_num(torch.nanmean(raw, dim=1, keepdim=True), nan=0.0).expand_as(raw)
+    dense = torch.where(ok, raw, fill).reshape(-1)
+    adv = advantages(dense, G, algo).tolist()
+    batch = TrainBatch(
+        prompt_ids=[g.prompt_token_ids for g in groups for _ in g.completions],
+        completion_ids=[c.token_ids for g in groups for c in g.completions],
+        rollout_logprobs=[c.logprobs for g in groups for c in g.completions],
+        advantages=adv,
+        loss_weights=ok.reshape(-1).float().tolist(),
+    )
+    return batch, raw
+
+
+def pad_to_multiple(batch: TrainBatch, multiple: int) -> tuple[TrainBatch, int]:
+    """Append zero-weight copies of the last sequence until len(batch) % multiple == 0."""
+    extra = (-len(batch)) % multiple
+    if extra == 0:
+        return batch, 0
+    index = list(range(len(batch))) + [len(batch) - 1] * extra
+    padded = batch.select(index)
+    padded.loss_weights[len(batch):] = [0.0] * extra
+    return padded, extra

@@ -1,0 +1,151 @@
+"""The training loop, top to bottom: prompts → generate → score → advantages → update → sync → log."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from actors.types import Prompt, SamplingSpec
+from learner.group import LearnerGroup
+from learner.objectives import GRPOObjective
+from orchestration.batching import build_batch, pad_to_multiple
+from orchestration.cluster import Placement
+from orchestration.metrics import RunLogger, Timer
+from orchestration.pools import RewardPool, RolloutPool
+from orchestration.weight_sync import WeightSync
+from tasks.arithmetic import ArithmeticTask
+
+log = logging.getLogger("raygrpo")
+
+
+@dataclass
+class Actors:
+    rollout: RolloutPool
+    rewards: RewardPool
+    learner: LearnerGroup
+    sync: WeightSync
+
+
+def engine_dtype(cfg: Any) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if cfg.topology.rollout_gpus > 0 else "float32"
+
+
+def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
+    r, l, a = cfg.rollout, cfg.learner, cfg.algo
+    rollout = RolloutPool(placement.options["rollout"], model_path, r.timeout_s, dtype=engine_dtype(cfg),
+                          seed=cfg.seed, max_model_len=cfg.model.max_model_len,
+                          max_prompt_tokens=r.max_prompt_tokens, tensor_parallel_size=r.tensor_parallel_size,
+                          gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
+    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s)
+    objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
+                              max_tokens=r.max_new_tokens, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                              entropy_coef=a.entropy_coef)
+    learner = LearnerGroup(
+        l.num_ranks, placement.options["learner"], model_path=model_path, objective=objective, lr=l.lr,
+        betas=tuple(l.betas), weight_decay=l.weight_decay, warmup_steps=l.warmup_steps, schedule=l.schedule,
+        total_steps=cfg.steps, grad_clip=l.grad_clip, micro_batch_tokens=l.micro_batch_tokens,
+        num_minibatches=l.num_minibatches, temperature=r.temperature, mixed_precision=l.mixed_precision,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed)
+    gpus = cfg.topology.rollout_gpus > 0 or cfg.topology.learner_gpus > 0
+    backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if gpus else "gloo")
+    sync = WeightSync(learner, rollout, backend=backend, dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
+                      timeout_s=cfg.sync.timeout_s, workers_per_engine=r.tensor_parallel_size)
+    sync.connect()
+    return Actors(rollout, rewards, learner, sync)
+
+
+def make_task(cfg: Any) -> ArithmeticTask:
+    t = cfg.task
+    return ArithmeticTask(seed=t.seed, min_operand=t.min_operand, max_operand=t.max_operand,
+                          num_operands=t.num_operands, ops=t.ops, test_size=t.test_size)
+
+
+def train(cfg: Any, actors: Actors, logger: RunLogger) -> dict[str, float]:
+    """Run `cfg.steps` GRPO steps; returns the last step's metrics."""
+    r = cfg.rollout
+    task = make_task(cfg)
+    spec = SamplingSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                        max_tokens=r.max_new_tokens, stop=tuple(r.stop))
+    metrics: dict[str, float] = {}
+    for step in range(cfg.steps):
+        timer = Timer()
+        problems = task.train_batch(step, r.prompts_per_step)
+        answers = {p.id: p.answer for p in problems}
+        prompts = [Prompt(p.id, p.prompt, cfg.task.system_prompt) for p in problems]
+        with timer("generate"):
+            result = actors.rollout.generate(prompts, spec)
+        with timer("reward"):
+            scores = actors.rewards.score(result.groups, answers)
+        batch, rewards = build_batch(result.groups, scores, cfg.algo)
+        batch, padded = pad_to_multiple(batch, cfg.learner.num_ranks * cfg.learner.num_minibatches)
+        with timer("learner"):
+            learner_metrics = actors.learner.train_step(batch)
+        with timer("sync"):
+            if actors.rollout.needs_resync:
+                actors.sync.connect()
+            actors.sync.push(step + 1)
+        metrics = step_metrics(result, scores, rewards, learner_metrics, timer, padded, actors)
+        logger.log(step, metrics)
+    return metrics
+
+
+def save_outputs(cfg: Any, actors: Actors, model_path: str) -> Path:
+    """The final policy as an HF directory, and what the engines last loaded (`sync.json`)."""
+    from transformers import AutoTokenizer
+
+    out = Path(cfg.output_dir)
+    policy = out / "policy"
+    actors.learner.save_pretrained(str(policy))
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(str(policy))
+    sync = {"version": actors.sync.version, "dtype": actors.sync.dtype, "bucket_bytes": actors.sync.bucket_bytes,
+            "engine_checksums": actors.sync.last_checksums}
+    (out / "sync.json").write_text(json.dumps(sync, indent=1))
+    return policy
+
+
+def step_metrics(result, scores, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
+                 padded: int, actors: Actors) -> dict[str, float]:
+    """Everything a user watches per step, named `area/metric`."""
+    completions = [c for g in result.groups for c in g.completions]
+    lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+    ok = ~rewards.isnan()
+    flat = [s for row in scores for s in row]
+    parts: dict[str, list[float]] = {}
+    for s in flat:
+        if s.status == "ok":
+            for name, value in s.parts.items():
+                parts.setdefault(name, []).append(value)
+    zero_var = [bool((row[~row.isnan()].unique().numel() <= 1)) for row in rewards]
+    times = timer.breakdown()
+    m = {
+        "reward/mean": float(rewards[ok].mean()) if ok.any() else float("nan"),
+        "reward/std": float(rewards[ok].std()) if ok.sum() > 1 else 0.0,
+        "reward/failed": float((~ok).sum()),
+        "reward/zero_variance_groups": sum(zero_var) / max(1, len(zero_var)),
+        **{f"reward/{k}": sum(v) / len(v) for k, v in parts.items()},
+        "rollout/response_length_mean": float(lengths.mean()),
+        "rollout/response_length_max": float(lengths.max()),
+        "rollout/truncated": sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
+        "rollout/prompts_dropped": float(len(result.dropped)),
+        "rollout/actors_lost": float(actors.rollout.lost),
+        "rollout/policy_version": float(min(g.version for g in result.groups)),
+        "learner/padding_sequences": float(padded),
+        **{f"learner/{k}": v for k, v in learner.items()},
+        "perf/tokens_per_s": float(lengths.sum()) / max(times["time/generate"], 1e-9),
+        **times,
+    }
+    if "accuracy" in parts:
+        m["reward/accuracy"] = sum(parts["accuracy"]) / len(parts["accuracy"])
+    return m
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)

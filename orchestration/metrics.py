@@ -1,0 +1,82 @@
+"""Run logging: JSONL (always), W&B (offline by default), a progress bar, and step timers.
+
+W&B's run directory lives inside the run's output directory. Only the resolved config and
+metrics are logged; nothing from the environment (API keys stay out of every log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class Timer:
+    """Wall time per named phase of one step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def breakdown(self) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out["time/other"] = max(0.0, total - sum(self.seconds.values()))
+        out["time/step"] = total
+        return out
+
+
+class RunLogger:
+    def __init__(self, output_dir: str, config: dict[str, Any], wandb_cfg: Any, total_steps: int, progress: bool):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        (self.dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        self.wandb = None
+        if wandb_cfg.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode,
+                                    dir=str(self.dir), name=config.get("experiment"), config=config,
+                                    settings=wandb.Settings(console="off", x_disable_stats=True))
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            shown = {k.split("/")[-1]: record[k] for k in ("reward/mean", "eval/accuracy", "time/step") if k in record}
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.jsonl.close()
+
+
+def _plain(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value

@@ -1,0 +1,107 @@
+"""Driver-side handles of the rollout and reward actors, with their failure handling.
+
+- RolloutPool shards prompts across engines. An actor that dies (or misses its deadline) is
+  dropped, its prompts are re-generated on the survivors, and `needs_resync` tells the driver
+  to rebuild the broadcast group without it: the step's data is never lost.
+- RewardPool spreads groups over reward actors; a dead reward actor's share is retried on
+  another. Per-sample failures (raise, timeout) come back as `failed` scores from the Scorer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.rollout import RolloutActor
+from actors.scoring import Score, Scorer
+from actors.types import GenerateResult, Group, Prompt, SamplingSpec
+
+log = logging.getLogger("raygrpo")
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    """Split into n contiguous, nearly equal chunks (order preserved)."""
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+class RolloutPool:
+    def __init__(self, options: list[dict[str, Any]], model_path: str, timeout_s: float, **engine_kwargs: Any):
+        remote = ray.remote(RolloutActor)
+        seed = engine_kwargs.pop("seed", 0)
+        self.actors = [remote.options(**opt).remote(model_path, seed=seed + i, **engine_kwargs)
+                       for i, opt in enumerate(options)]
+        self.timeout_s = timeout_s
+        self.lost = 0  # actors dropped so far
+        self.needs_resync = False
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> GenerateResult:
+        """Generate every prompt's group, surviving the loss of actors (not of all of them)."""
+        pending, result = list(prompts), GenerateResult(groups=[], dropped=[])
+        while pending:
+            if not self.actors:
+                raise RuntimeError("every rollout actor has died")
+            shards = [s for s in _chunks(pending, len(self.actors))]
+            refs = {a.generate.remote(s, spec): (a, s) for a, s in zip(self.actors, shards) if s}
+            pending = []
+            for ref, (actor, shard) in refs.items():
+                try:
+                    part = ray.get(ref, timeout=self.timeout_s)
+                except (RayActorError, GetTimeoutError) as err:
+                    log.error("rollout actor lost (%s); re-generating its %d prompts on the others",
+                              type(err).__name__, len(shard))
+                    self._drop(actor)
+                    pending.extend(shard)
+                    continue
+                result.groups.extend(part.groups)
+                result.dropped.extend(part.dropped)
+        order = {p.id: i for i, p in enumerate(prompts)}
+        result.groups.sort(key=lambda g: order[g.prompt.id])
+        return result
+
+    def _drop(self, actor) -> None:
+        self.actors.remove(actor)
+        ray.kill(actor, no_restart=True)
+        self.lost += 1
+        self.needs_resync = True
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+
+class RewardPool:
+    def __init__(self, options: list[dict[str, Any]], functions: dict[str, float], timeout_s: float):
+        remote = ray.remote(Scorer)
+        self.actors = [remote.options(**opt).remote(dict(functions), timeout_s) for opt in options]
+
+    def score(self, groups: list[Group], answers: dict[str, str]) -> list[list[Score]]:
+        """Scores [P][G] for the groups, spreading whole groups over the reward actors."""
+        items = [[(c.text, answers[g.prompt.id]) for c in g.completions] for g in groups]
+        shards = _chunks(list(range(len(groups))), len(self.actors))
+        out: list[list[Score]] = [[] for _ in groups]
+        todo = [(a, s) for a, s in zip(self.actors, shards) if s]
+        while todo:
+            refs = [(a.score.remote([x for i in s for x in items[i]]), a, s) for a, s in todo]
+            todo = []
+            for ref, actor, shard in refs:
+                try:
+                    flat = ray.get(ref)
+                except RayActorError:
+                    log.error("reward actor lost; re-scoring its %d groups on another", len(shard))
+                    self.actors.remove(actor)
+                    if not self.actors:
+                        raise RuntimeError("every reward actor has died") from None
+                    todo.append((self.actors[0], shard))
+                    continue
+                for i in shard:
+                    out[i], flat = flat[:len(items[i])], flat[len(items[i]):]
+        return out
