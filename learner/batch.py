@@ -45,7 +45,8 @@ class Padded:
     input_ids: torch.Tensor  # [b, L] right-padded
     attention_mask: torch.Tensor  # [b, L]
     targets: torch.Tensor  # [b, T] next tokens for the scored window, T = L - start
-    mask: torch.Tensor  # [b, T] 1 on completion tokens of sequences with loss weight > 0
+    completion: torch.Tensor  # [b, T] 1 on completion tokens (whatever the loss weight)
+    mask: torch.Tensor  # [b, T] completion tokens of sequences with loss weight > 0
     rollout_logprobs: torch.Tensor  # [b, T]
     advantages: torch.Tensor  # [b]
     start: int  # first position whose logits are scored (earliest completion - 1)
@@ -59,7 +60,7 @@ def pad(batch: TrainBatch, pad_id: int, device) -> Padded:
     b, T = len(batch), L - start
     input_ids = torch.full((b, L), pad_id, dtype=torch.long)
     attention = torch.zeros((b, L), dtype=torch.long)
-    mask = torch.zeros((b, T))
+    completion = torch.zeros((b, T))
     old = torch.zeros((b, T))
     for i, (p, c, lp, w) in enumerate(zip(batch.prompt_ids, batch.completion_ids, batch.rollout_logprobs,
                                           batch.loss_weights)):
@@ -68,10 +69,12 @@ def pad(batch: TrainBatch, pad_id: int, device) -> Padded:
         attention[i, :n] = 1
         lo = len(p) - 1 - start  # window index scoring the first completion token
         if c:
-            mask[i, lo:lo + len(c)] = float(w > 0)
+            completion[i, lo:lo + len(c)] = 1.0
             old[i, lo:lo + len(c)] = torch.tensor(lp)
     targets = torch.roll(input_ids, -1, dims=1)[:, start:]
-    return Padded(input_ids.to(device), attention.to(device), targets.to(device), mask.to(device), old.to(device),
+    weights = torch.tensor([float(w > 0) for w in batch.loss_weights]).unsqueeze(1)
+    return Padded(input_ids.to(device), attention.to(device), targets.to(device), completion.to(device),
+                  (completion * weights).to(device), old.to(device),
                   torch.tensor(batch.advantages, dtype=torch.float32, device=device), start)
 
 

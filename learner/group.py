@@ -22,6 +22,12 @@ class LearnerGroup:
         n = len(self.workers)
         return ray.get([w.train_step.remote(batch.shard(r, n)) for r, w in enumerate(self.workers)])[0]
 
+    def logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Per-sequence completion logprobs under the current policy (all ranks, gathered)."""
+        n = len(self.workers)
+        parts = ray.get([w.logprobs.remote(batch.shard(r, n)) for r, w in enumerate(self.workers)])
+        return [row for part in parts for row in part]
+
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
         return ray.get(self.workers[0].weight_manifest.remote())
 

@@ -51,12 +51,13 @@ class LearnerWorker:
                  lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
                  schedule: str = "constant", total_steps: int = 1, grad_clip: float = 1.0,
                  micro_batch_tokens: int = 4096, num_minibatches: int = 1, temperature: float = 1.0,
-                 mixed_precision: bool = True, gradient_checkpointing: bool = False, seed: int = 0) -> None:
+                 mixed_precision: bool = True, gradient_checkpointing: bool = False, seed: int = 0,
+                 cpu_threads: int = 1) -> None:
         rank, world_size = self.rank, self.world_size
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            torch.set_num_threads(max(1, cpu_threads))
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size)
         torch.manual_seed(seed)
         self.objective, self.temperature = objective, temperature
@@ -100,6 +101,10 @@ class LearnerWorker:
                 entropy = token_entropy(logits if entropy_grad else logits.detach())
         return logp, entropy
 
+    def logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Current policy's logprobs of each completion's tokens (evaluation, tests, IS weights)."""
+        return [t.tolist() for t in self._recompute_logprobs(batch, self.model)]
+
     @torch.no_grad()
     def _recompute_logprobs(self, batch: TrainBatch, model) -> list[torch.Tensor]:
         """Per-sequence logprobs of the completion tokens under `model` (no grad)."""
@@ -111,7 +116,7 @@ class LearnerWorker:
             padded = pad(batch.select(idx), self.pad_id, self.device)
             logp, _ = self._forward(model, padded, False, False)
             for row, i in enumerate(idx):
-                result[i] = logp[row][padded.mask[row] > 0].cpu() if batch.loss_weights[i] > 0 else torch.empty(0)
+                result[i] = logp[row][padded.completion[row] > 0].cpu()
         return result
 
     def _dummy_forward(self, model, batch: TrainBatch) -> None:
@@ -235,8 +240,7 @@ def _scatter(old: list[torch.Tensor], idx: list[int], padded) -> torch.Tensor:
     """Place recomputed per-sequence logprobs into the micro-batch's window layout."""
     out = torch.zeros_like(padded.mask)
     for row, i in enumerate(idx):
-        if old[i].numel():
-            out[row][padded.mask[row] > 0] = old[i].to(out.device)
+        out[row][padded.completion[row] > 0] = old[i].to(out.device)
     return out
 
 

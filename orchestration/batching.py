@@ -1,8 +1,8 @@
 """From scored groups to a TrainBatch: rewards → group-relative advantages (via learner.grpo).
 
 A sample whose reward failed (raised or timed out) is excluded from training (loss weight 0) and
-from its group's baseline; its reward slot takes the mean of the group's successful rewards so
-the math stays dense. A group with no successful sample contributes nothing.
+from its group's statistics: advantages are computed over the group's successful samples only.
+A group with fewer than two successful samples contributes nothing (advantage 0).
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ def advantages(rewards: torch.Tensor, group_size: int, algo: Any) -> torch.Tenso
 
 def build_batch(groups: list[Group], scores: list[list[Score]], algo: Any) -> tuple[TrainBatch, torch.Tensor]:
     """Returns the batch and the raw rewards [P, G] (NaN where the reward failed)."""
-    G = len(groups[0].completions)
     raw = torch.tensor([[s.reward if s.status == "ok" else float("nan") for s in row] for row in scores])
     ok = ~raw.isnan()
-    fill = torch.nan_to_num(torch.nanmean(raw, dim=1, keepdim=True), nan=0.0).expand_as(raw)
-    dense = torch.where(ok, raw, fill).reshape(-1)
-    adv = advantages(dense, G, algo).tolist()
+    adv = torch.zeros_like(raw)
+    for i, row in enumerate(raw):  # each group over its successful samples only
+        if int(ok[i].sum()) >= 2:
+            adv[i, ok[i]] = advantages(row[ok[i]], int(ok[i].sum()), algo)
     batch = TrainBatch(
         prompt_ids=[g.prompt_token_ids for g in groups for _ in g.completions],
         completion_ids=[c.token_ids for g in groups for c in g.completions],
         rollout_logprobs=[c.logprobs for g in groups for c in g.completions],
-        advantages=adv,
+        advantages=adv.reshape(-1).tolist(),
         loss_weights=ok.reshape(-1).float().tolist(),
     )
     return batch, raw

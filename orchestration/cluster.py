@@ -15,9 +15,9 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestration.config import ConfigError, validate_resources
+from orchestration.config import ALL_ROLES as ROLES
+from orchestration.config import ConfigError, role_bundle, validate_resources
 
-ROLES = ("rollout", "learner", "reward")
 
 
 def start_ray(cfg: Any) -> None:
@@ -29,18 +29,11 @@ def start_ray(cfg: Any) -> None:
         return
     t = cfg.topology
     ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=cfg.ray.dashboard,
-             _node_ip_address="127.0.0.1",  # a local cluster listens on loopback only
              dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
 
 
 def bundles(cfg: Any, role: str) -> list[dict[str, float]]:
-    t = cfg.topology
-    count, cpus, gpus, extra = {
-        "rollout": (cfg.rollout.num_actors, t.rollout_cpus, t.rollout_gpus, dict(t.rollout_resources)),
-        "learner": (cfg.learner.num_ranks, t.learner_cpus, t.learner_gpus, dict(t.learner_resources)),
-        "reward": (cfg.reward.num_workers, t.reward_cpus, 0.0, {}),
-    }[role]
-    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **extra}
+    count, bundle = role_bundle(cfg, role)
     return [dict(bundle) for _ in range(count)]
 
 
@@ -53,19 +46,19 @@ class Placement:
 
     def describe(self) -> str:
         lines = [f"{'role':<8} {'index':>5}  {'node':<16} resources"]
-        for role in ROLES:
+        for role in self.options:
             for i, (opt, node) in enumerate(zip(self.options[role], self.nodes[role])):
                 res = {"CPU": opt["num_cpus"], "GPU": opt.get("num_gpus", 0), **opt.get("resources", {})}
                 lines.append(f"{role:<8} {i:>5}  {node:<16} " + ", ".join(f"{k}={v:g}" for k, v in res.items() if v))
         return "\n".join(lines)
 
 
-def place(cfg: Any, timeout_s: float = 60.0) -> Placement:
+def place(cfg: Any, roles: tuple[str, ...] = ROLES, timeout_s: float = 60.0) -> Placement:
     """Reserve one placement group per role; raise ConfigError if the cluster cannot hold it."""
-    validate_resources(cfg, ray.cluster_resources())
+    validate_resources(cfg, ray.cluster_resources(), roles)
     node_ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     options, nodes = {}, {}
-    for role in ROLES:
+    for role in roles:
         spec = bundles(cfg, role)
         pg = placement_group(spec, strategy=cfg.topology.strategy, name=f"raygrpo-{role}")
         _wait_ready(pg, timeout_s)

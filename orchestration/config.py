@@ -53,7 +53,9 @@ class TaskConfig:
     test_size: int = 64
     """Held-out problems (disjoint from training problems by construction)."""
     system_prompt: str = ""
-    """System message for chat models; empty for none."""
+    """System message for chat models; empty for none (the chat template may add its own)."""
+    instruction: str = "Answer with just the number."
+    """Text appended to every question ("What is 12 + 7? <instruction>")."""
 
 
 @dataclass
@@ -90,8 +92,9 @@ class RolloutConfig:
 class RewardConfig:
     num_workers: int = 1
     """Reward actors; groups are spread across them."""
-    functions: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
-    """Reward function name (or `package.module:function`) → weight. The reward is Σ weight·value."""
+    functions: dict[str, float] = field(default_factory=dict)
+    """Reward function name (or `package.module:function`) → weight; the reward is Σ weight·value.
+    Set by a `reward=` preset (dicts merge in Hydra, so choose a preset rather than adding keys)."""
     timeout_s: float = 5.0
     """Per-sample deadline; a sample past it is `failed` (kept apart from a reward of 0)."""
 
@@ -164,7 +167,8 @@ class TopologyConfig:
     reward_cpus: float = 0.5
     """Logical CPUs per reward actor."""
     rollout_resources: dict[str, float] = field(default_factory=dict)
-    """Extra custom Ray resources per rollout actor, e.g. `{rollout_node: 1}` to pin to a pool."""
+    """Extra custom Ray resources per rollout actor, e.g. `{rollout_node: 1}` to pin to a pool
+    (on the command line: `+topology.rollout_resources.rollout_node=1`)."""
     learner_resources: dict[str, float] = field(default_factory=dict)
     """Extra custom Ray resources per learner rank."""
     strategy: str = "PACK"
@@ -207,6 +211,20 @@ class RayConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = True
+    """Evaluate on the held-out test split at the start and end of training."""
+    every_n_steps: int = 0
+    """Also evaluate every n steps (0: only at start and end)."""
+    pass_k: int = 4
+    """k of pass@k (k samples per problem at `temperature`); 1 skips it."""
+    temperature: float = 0.7
+    """Sampling temperature for pass@k (pass@1 is greedy)."""
+    max_new_tokens: Optional[int] = None
+    """Completion limit for evaluation (None: rollout.max_new_tokens)."""
+
+
+@dataclass
 class Config:
     experiment: str = "default"
     """Name of the run (the experiment preset sets it)."""
@@ -218,6 +236,8 @@ class Config:
     """Where the run writes metrics.jsonl, the W&B run, checkpoints."""
     dry_run: bool = False
     """Print the resolved placement and exit without starting actors."""
+    stage: str = "train"
+    """`train` (GRPO), or `eval` (evaluate `model.path` on the test split; starts no learner)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -228,6 +248,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:
@@ -252,10 +273,14 @@ def validate(cfg: Any) -> None:
 
     r, a, l = cfg.rollout, cfg.algo, cfg.learner
     _check(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
+    _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+           f"model.dtype must be auto, float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     _check(r.group_size >= 2, f"rollout.group_size must be >= 2 for group-relative advantages, got {r.group_size}")
     _check(r.num_actors >= 1, f"rollout.num_actors must be >= 1, got {r.num_actors}")
     _check(r.prompts_per_step >= r.num_actors,
            f"rollout.prompts_per_step ({r.prompts_per_step}) must be >= rollout.num_actors ({r.num_actors}) so every actor gets a prompt")
+    _check(l.num_ranks >= 1, f"learner.num_ranks must be >= 1, got {l.num_ranks}")
+    _check(l.num_minibatches >= 1, f"learner.num_minibatches must be >= 1, got {l.num_minibatches}")
     batch = r.prompts_per_step * r.group_size
     _check(batch % (l.num_ranks * l.num_minibatches) == 0,
            f"rollout.prompts_per_step × rollout.group_size = {batch} completions must divide evenly "
@@ -275,7 +300,6 @@ def validate(cfg: Any) -> None:
     _check(a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
            f"algo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {a.loss_agg!r}")
     _check(l.lr > 0, f"learner.lr must be > 0, got {l.lr}")
-    _check(l.num_ranks >= 1, f"learner.num_ranks must be >= 1, got {l.num_ranks}")
     _check(l.schedule in ("constant", "cosine"), f"learner.schedule must be constant or cosine, got {l.schedule!r}")
     _check(l.micro_batch_tokens >= r.max_prompt_tokens + r.max_new_tokens,
            f"learner.micro_batch_tokens ({l.micro_batch_tokens}) must hold one full sequence "
@@ -296,27 +320,39 @@ def validate(cfg: Any) -> None:
     _check(not cpu_only or r.tensor_parallel_size == 1, "rollout.tensor_parallel_size > 1 needs GPUs (topology.rollout_gpus)")
     _check(cfg.topology.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
            f"topology.strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {cfg.topology.strategy!r}")
+    _check(cfg.stage in ("train", "eval"), f"stage must be train or eval, got {cfg.stage!r}")
+    _check(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {cfg.eval.every_n_steps}")
+    _check(cfg.eval.pass_k >= 1, f"eval.pass_k must be >= 1, got {cfg.eval.pass_k}")
     check_model_path(cfg.model.path)
 
 
-def required_resources(cfg: Any) -> dict[str, float]:
-    """Logical Ray resources the topology asks for, summed over all actors."""
-    t, r = cfg.topology, cfg.rollout
-    need: dict[str, float] = {
-        "CPU": r.num_actors * t.rollout_cpus + cfg.learner.num_ranks * t.learner_cpus
-        + cfg.reward.num_workers * t.reward_cpus,
-        "GPU": r.num_actors * t.rollout_gpus + cfg.learner.num_ranks * t.learner_gpus,
-    }
-    for key, value in t.rollout_resources.items():
-        need[key] = need.get(key, 0.0) + r.num_actors * value
-    for key, value in t.learner_resources.items():
-        need[key] = need.get(key, 0.0) + cfg.learner.num_ranks * value
+ALL_ROLES = ("rollout", "learner", "reward")
+
+
+def role_bundle(cfg: Any, role: str) -> tuple[int, dict[str, float]]:
+    """(number of actors, logical Ray resources per actor) of a role."""
+    t = cfg.topology
+    count, cpus, gpus, extra = {
+        "rollout": (cfg.rollout.num_actors, t.rollout_cpus, t.rollout_gpus, t.rollout_resources),
+        "learner": (cfg.learner.num_ranks, t.learner_cpus, t.learner_gpus, t.learner_resources),
+        "reward": (cfg.reward.num_workers, t.reward_cpus, 0.0, {}),
+    }[role]
+    return count, {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **dict(extra)}
+
+
+def required_resources(cfg: Any, roles: tuple[str, ...] = ALL_ROLES) -> dict[str, float]:
+    """Logical Ray resources the topology asks for, summed over the actors of `roles`."""
+    need: dict[str, float] = {}
+    for role in roles:
+        count, bundle = role_bundle(cfg, role)
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0.0) + count * value
     return {k: v for k, v in need.items() if v > 0}
 
 
-def validate_resources(cfg: Any, available: dict[str, float]) -> None:
+def validate_resources(cfg: Any, available: dict[str, float], roles: tuple[str, ...] = ALL_ROLES) -> None:
     """Check the topology against the Ray cluster's logical resources (`ray.cluster_resources()`)."""
-    for key, amount in required_resources(cfg).items():
+    for key, amount in required_resources(cfg, roles).items():
         have = available.get(key, 0.0)
         _check(amount <= have + 1e-9,
                f"the topology asks for {amount:g} {key} but the Ray cluster has {have:g} "

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
 from orchestration.batching import build_batch, pad_to_multiple
 from orchestration.cluster import Placement
+from orchestration.evaluation import EvalResult, evaluate
 from orchestration.metrics import RunLogger, Timer
 from orchestration.pools import RewardPool, RolloutPool
 from orchestration.weight_sync import WeightSync
@@ -38,12 +40,17 @@ def engine_dtype(cfg: Any) -> str:
     return "bfloat16" if cfg.topology.rollout_gpus > 0 else "float32"
 
 
+def start_rollout(cfg: Any, placement: Placement, model_path: str) -> RolloutPool:
+    r = cfg.rollout
+    return RolloutPool(placement.options["rollout"], model_path, r.timeout_s, dtype=engine_dtype(cfg),
+                       seed=cfg.seed, max_model_len=cfg.model.max_model_len,
+                       max_prompt_tokens=r.max_prompt_tokens, tensor_parallel_size=r.tensor_parallel_size,
+                       gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
+
+
 def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
     r, l, a = cfg.rollout, cfg.learner, cfg.algo
-    rollout = RolloutPool(placement.options["rollout"], model_path, r.timeout_s, dtype=engine_dtype(cfg),
-                          seed=cfg.seed, max_model_len=cfg.model.max_model_len,
-                          max_prompt_tokens=r.max_prompt_tokens, tensor_parallel_size=r.tensor_parallel_size,
-                          gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
+    rollout = start_rollout(cfg, placement, model_path)
     rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s)
     objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
                               max_tokens=r.max_new_tokens, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
@@ -53,7 +60,8 @@ def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
         betas=tuple(l.betas), weight_decay=l.weight_decay, warmup_steps=l.warmup_steps, schedule=l.schedule,
         total_steps=cfg.steps, grad_clip=l.grad_clip, micro_batch_tokens=l.micro_batch_tokens,
         num_minibatches=l.num_minibatches, temperature=r.temperature, mixed_precision=l.mixed_precision,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed)
+        gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
+        cpu_threads=max(1, int(cfg.topology.learner_cpus)))
     gpus = cfg.topology.rollout_gpus > 0 or cfg.topology.learner_gpus > 0
     backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if gpus else "gloo")
     sync = WeightSync(learner, rollout, backend=backend, dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
@@ -65,18 +73,29 @@ def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
 def make_task(cfg: Any) -> ArithmeticTask:
     t = cfg.task
     return ArithmeticTask(seed=t.seed, min_operand=t.min_operand, max_operand=t.max_operand,
-                          num_operands=t.num_operands, ops=t.ops, test_size=t.test_size)
+                          num_operands=t.num_operands, ops=t.ops, test_size=t.test_size, instruction=t.instruction)
 
 
-def train(cfg: Any, actors: Actors, logger: RunLogger) -> dict[str, float]:
-    """Run `cfg.steps` GRPO steps; returns the last step's metrics."""
+def eval_settings(cfg: Any) -> SimpleNamespace:
+    e = cfg.eval
+    return SimpleNamespace(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, pass_k=e.pass_k,
+                           temperature=e.temperature, reward_timeout_s=cfg.reward.timeout_s)
+
+
+def train(cfg: Any, actors: Actors, logger: RunLogger) -> tuple[EvalResult | None, EvalResult | None]:
+    """Run `cfg.steps` GRPO steps with held-out evaluation; returns (first, last) evaluations."""
     r = cfg.rollout
     task = make_task(cfg)
+    test = task.test_set()
+    evaluate_now = lambda: evaluate(actors.rollout, test, eval_settings(cfg), cfg.task.system_prompt)  # noqa: E731
+    first = pending = evaluate_now() if cfg.eval.enabled else None  # pending: logged with the next step
     spec = SamplingSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_tokens=r.max_new_tokens, stop=tuple(r.stop))
-    metrics: dict[str, float] = {}
     for step in range(cfg.steps):
         timer = Timer()
+        if pending is None and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
+            with timer("eval"):
+                pending = evaluate_now()
         problems = task.train_batch(step, r.prompts_per_step)
         answers = {p.id: p.answer for p in problems}
         prompts = [Prompt(p.id, p.prompt, cfg.task.system_prompt) for p in problems]
@@ -93,8 +112,12 @@ def train(cfg: Any, actors: Actors, logger: RunLogger) -> dict[str, float]:
                 actors.sync.connect()
             actors.sync.push(step + 1)
         metrics = step_metrics(result, scores, rewards, learner_metrics, timer, padded, actors)
-        logger.log(step, metrics)
-    return metrics
+        logger.log(step, {**metrics, **(pending.metrics if pending else {})})
+        pending = None
+    final = evaluate_now() if cfg.eval.enabled else None
+    if final:
+        logger.log(cfg.steps, final.metrics)
+    return first, final
 
 
 def save_outputs(cfg: Any, actors: Actors, model_path: str) -> Path:
@@ -149,3 +172,40 @@ def step_metrics(result, scores, rewards: torch.Tensor, learner: dict[str, float
 
 def config_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def run_train(cfg: Any, placement: Placement, model_path: str) -> Path:
+    """Train, save the policy, write curves and the report; returns the run directory."""
+    import time
+
+    from orchestration import report
+
+    start = time.time()
+    out = Path(cfg.output_dir)
+    config = config_dict(cfg)
+    logger = RunLogger(cfg.output_dir, config, cfg.logger.wandb, cfg.steps, cfg.logger.progress)
+    actors = start_actors(cfg, placement, model_path)
+    try:
+        first, final = train(cfg, actors, logger)
+        save_outputs(cfg, actors, model_path)
+    finally:
+        logger.close()
+    report.plot_curves(report.load_metrics(out), out / "curves.png")
+    if first and final:
+        table = report.before_after(first.metrics, final.metrics)
+        report.write_report(out, config, table, first.samples, final.samples, time.time() - start)
+        report.print_summary(table, out)
+    return out
+
+
+def run_eval(cfg: Any, placement: Placement, model_path: str) -> dict[str, float]:
+    """Evaluate `model.path` alone (no learner); prints and logs the metrics."""
+    rollout = start_rollout(cfg, placement, model_path)
+    result = evaluate(rollout, make_task(cfg).test_set(), eval_settings(cfg), cfg.task.system_prompt)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({"model": model_path, **result.metrics, "samples": result.samples},
+                                              indent=1))
+    for k, v in result.metrics.items():
+        print(f"{k:<24} {v:.4f}")
+    return result.metrics

@@ -25,25 +25,22 @@ def run(cfg: DictConfig) -> None:
     import ray
 
     from orchestration import cluster, driver
-    from orchestration.metrics import RunLogger
     from orchestration.models import resolve_model_path
 
     validate(cfg)
     cluster.start_ray(cfg)
     try:
-        placement = cluster.place(cfg)
+        roles = ("rollout", "reward", "learner") if cfg.stage == "train" else ("rollout",)
+        placement = cluster.place(cfg, roles)
         if cfg.dry_run:
             print(placement.describe())
             return
         model_path = resolve_model_path(cfg.model.path)
-        logger = RunLogger(cfg.output_dir, driver.config_dict(cfg), cfg.logger.wandb, cfg.steps, cfg.logger.progress)
-        actors = driver.start_actors(cfg, placement, model_path)
-        try:
-            driver.train(cfg, actors, logger)
-            driver.save_outputs(cfg, actors, model_path)
-        finally:
-            logger.close()
-        print(f"run written to {Path(cfg.output_dir).resolve()}")
+        if cfg.stage == "eval":
+            driver.run_eval(cfg, placement, model_path)
+        else:
+            out = driver.run_train(cfg, placement, model_path)
+            print(f"run written to {out.resolve()}")
     finally:
         ray.shutdown()
 

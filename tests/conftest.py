@@ -1,0 +1,37 @@
+"""Shared fixtures. Integration tests use one local Ray (loopback only) per session and a tiny
+Qwen2 built on the fly in a per-session cache; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    path = os.environ.get("RAYGRPO_TEST_CACHE") or str(tmp_path_factory.mktemp("raygrpo-cache"))
+    os.environ["RAYGRPO_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir):
+    from orchestration.models import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

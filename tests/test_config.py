@@ -1,0 +1,327 @@
+"""Tests for orchestration/config.py (schema, validate, resources), the YAML presets under conf/,
+orchestration/models.check_model_path and the `raygrpo` CLI's user-error path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf, open_dict
+
+from orchestration.config import ConfigError, register_configs, required_resources, validate, validate_resources
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and d.name != "experiment")
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PRESETS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def make_cfg(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _package(path: Path, default: str) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("# @package"):
+            return line.split()[-1]
+    return default
+
+
+def _assert_contains(expected, actual, where: str) -> None:
+    """Every leaf the YAML sets is present, with that value, in the composed config."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), where
+        for key, value in expected.items():
+            if key == "defaults":
+                continue
+            assert key in actual, f"{where}.{key} missing"
+            _assert_contains(value, actual[key], f"{where}.{key}")
+    else:
+        assert actual == expected, f"{where}: composed {actual!r}, YAML says {expected!r}"
+
+
+def _validate_with_env(cfg, monkeypatch) -> None:
+    if cfg.logger.wandb.mode == "online":  # the preset documents that it needs the key
+        monkeypatch.setenv("WANDB_API_KEY", "test-key-not-real")
+    validate(cfg)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_presets_discovered():
+    assert {"algo", "topology", "model", "logger", "rollout", "learner"} <= set(GROUPS)
+    assert "smoke" in EXPERIMENTS
+    assert ("topology", "gpu_pools") in PRESETS and ("logger", "online") in PRESETS
+
+
+def test_default_config_validates(monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = make_cfg()
+    validate(cfg)
+    # the defaults list selects tiny_qwen2 / local / offline / grpo
+    assert cfg.model.path == "builtin:tiny-qwen2"
+    assert cfg.topology.num_cpus == 8
+    assert cfg.logger.wandb.mode == "offline"
+    assert cfg.algo.kl_coef == 0.04
+    assert cfg.experiment == "default"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_validates(name, monkeypatch):
+    cfg = make_cfg(f"experiment={name}")
+    _validate_with_env(cfg, monkeypatch)
+    path = CONF / "experiment" / f"{name}.yaml"
+    package = _package(path, "experiment")
+    node = cfg if package == "_global_" else cfg[package]
+    _assert_contains(OmegaConf.to_container(OmegaConf.load(path)),
+                     OmegaConf.to_container(node, resolve=True), package)
+
+
+@pytest.mark.parametrize("group,preset", PRESETS, ids=[f"{g}={p}" for g, p in PRESETS])
+def test_preset_composes_and_validates(group, preset, monkeypatch):
+    cfg = make_cfg(f"{group}={preset}")
+    _validate_with_env(cfg, monkeypatch)
+    path = CONF / group / f"{preset}.yaml"
+    package = _package(path, group)
+    node = cfg if package == "_global_" else OmegaConf.select(cfg, package)
+    _assert_contains(OmegaConf.to_container(OmegaConf.load(path)),
+                     OmegaConf.to_container(node, resolve=True), package)
+
+
+def test_smoke_experiment_values():
+    cfg = make_cfg("experiment=smoke")
+    assert cfg.experiment == "smoke"
+    assert cfg.output_dir == "runs/smoke"
+    assert (cfg.rollout.num_actors, cfg.learner.num_ranks, cfg.reward.num_workers) == (2, 2, 1)
+    assert cfg.reward.functions["digits"] == 1.0
+
+
+def test_smoke_reward_functions_are_the_ones_it_lists():
+    cfg = make_cfg("experiment=smoke")
+    assert dict(cfg.reward.functions) == {"accuracy": 1.0, "digits": 1.0}
+
+
+def test_rollout_resources_override_documented_syntax():
+    cfg = make_cfg("+topology.rollout_resources.rollout_node=1")
+    assert dict(cfg.topology.rollout_resources) == {"rollout_node": 1.0}
+
+
+# --------------------------------------------------------------------------- validate: bad configs
+
+
+BAD = [
+    (["rollout.group_size=1"], r"rollout\.group_size"),
+    (["rollout.group_size=0"], r"rollout\.group_size"),
+    (["learner.num_ranks=3"], r"learner\.num_ranks \(3\)"),  # 4 × 4 = 16 completions, 16 % 3 != 0
+    (["learner.num_minibatches=3"], r"learner\.num_minibatches \(3\)"),
+    (["rollout.prompts_per_step=3", "rollout.group_size=2", "learner.num_ranks=4"],
+     r"rollout\.prompts_per_step × rollout\.group_size = 6"),
+    (["model.path=/nonexistent/dir"], r"model[ .]path.*/nonexistent/dir"),
+    (["model.path=builtin:nope"], r"built-in model 'builtin:nope'"),
+    (["model.path="], r"model\.path is not set"),
+    (["+reward.functions.no_such_reward=1.0"], r"'no_such_reward' in reward\.functions"),
+    (["algo.clip_low=0"], r"algo\.clip_low"),
+    (["algo.clip_low=1.5"], r"algo\.clip_low"),
+    (["algo.clip_low=1"], r"algo\.clip_low"),
+    (["algo.clip_high=0"], r"algo\.clip_high"),
+    (["algo.clip_high=-0.1"], r"algo\.clip_high"),
+    (["algo.kl_coef=-0.01"], r"algo\.kl_coef"),
+    (["algo.kl_estimator=k4"], r"algo\.kl_estimator"),
+    (["algo.loss_agg=mean"], r"algo\.loss_agg"),
+    (["algo.advantage=ppo"], r"algo\.advantage"),
+    (["algo.loss=dpo"], r"algo\.loss must"),
+    (["rollout.temperature=0"], r"rollout\.temperature"),
+    (["rollout.temperature=-1"], r"rollout\.temperature"),
+    (["rollout.top_p=0"], r"rollout\.top_p"),
+    (["learner.micro_batch_tokens=100"], r"learner\.micro_batch_tokens \(100\)"),  # < 256 + 32
+    (["learner.micro_batch_tokens=287"], r"learner\.micro_batch_tokens \(287\)"),  # one short
+    (["logger.wandb.mode=online"], r"logger\.wandb\.mode=online.*WANDB_API_KEY"),
+    (["logger.wandb.mode=shared"], r"logger\.wandb\.mode"),
+    (["steps=0"], r"steps"),
+    (["rollout.num_actors=5"], r"rollout\.prompts_per_step \(4\).*rollout\.num_actors \(5\)"),
+    (["rollout.max_prompt_tokens=1000"], r"model\.max_model_len"),
+    (["rollout.tensor_parallel_size=2"], r"rollout\.tensor_parallel_size"),
+    (["learner.schedule=linear"], r"learner\.schedule"),
+    (["learner.lr=0"], r"learner\.lr"),
+    (["reward.timeout_s=0"], r"reward\.timeout_s"),
+    (["reward.num_workers=0"], r"reward\.num_workers"),
+    (["task.name=gsm8k"], r"task 'gsm8k'"),
+    (["sync.bucket_mb=0"], r"sync\.bucket_mb"),
+    (["sync.backend=mpi"], r"sync\.backend"),
+    (["topology.strategy=RANDOM"], r"topology\.strategy"),
+]
+
+
+@pytest.mark.parametrize("overrides,match", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_validate_rejects(overrides, match, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError, match=match) as info:
+        validate(cfg)
+    assert "\n" not in str(info.value)  # one line, shown as is by the CLI
+
+
+def test_validate_rejects_dir_without_config_json(tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    cfg = make_cfg(f"model.path={tmp_path}")
+    with pytest.raises(ConfigError, match=r"model path .* holds no config\.json") as info:
+        validate(cfg)
+    assert str(tmp_path) in str(info.value)
+    (tmp_path / "config.json").write_text("{}")
+    validate(cfg)  # the same directory with a config.json is accepted
+
+
+def test_validate_wandb_online_with_key(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "test-key-not-real")
+    validate(make_cfg("logger.wandb.mode=online"))
+
+
+def _with_reward(cfg, name: str, weight: float):
+    # Hydra's override grammar has no dict key with ':', so set an import-path reward directly
+    with open_dict(cfg):
+        cfg.reward.functions[name] = weight
+    return cfg
+
+
+def test_validate_accepts_hub_id_and_user_reward():
+    # an `org/name` hub id is left to transformers; an importable reward path is accepted
+    cfg = make_cfg("model.path=HuggingFaceTB/SmolLM2-135M-Instruct")
+    validate(_with_reward(cfg, "tests.reward_fixtures:broken", 0.5))
+
+
+def test_validate_rejects_unimportable_user_reward():
+    cfg = _with_reward(make_cfg(), "tests.reward_fixtures:no_such_function", 1.0)
+    with pytest.raises(ConfigError, match=r"'tests\.reward_fixtures:no_such_function' in reward\.functions"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("override", ["learner.num_minibatches=0", "learner.num_ranks=0"])
+def test_validate_zero_ranks_or_minibatches(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        validate(make_cfg(override))
+
+
+def test_validate_negative_minibatches():
+    with pytest.raises(ConfigError, match=r"learner\.num_minibatches"):
+        validate(make_cfg("learner.num_minibatches=-1"))
+
+
+def test_validate_bad_dtype():
+    with pytest.raises(ConfigError, match=r"model\.dtype"):
+        validate(make_cfg("model.dtype=bf16"))
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def test_required_resources_by_hand():
+    cfg = make_cfg("topology=gpu_pools", "rollout.num_actors=2", "learner.num_ranks=2", "reward.num_workers=3")
+    # CPU: 2 rollout × 4 + 2 learner × 4 + 3 reward × 1 = 19; GPU: 2 × 1 + 2 × 1 = 4;
+    # rollout_node: 2 × 1; learner_node: 2 × 1
+    assert required_resources(cfg) == {"CPU": 19.0, "GPU": 4.0, "rollout_node": 2.0, "learner_node": 2.0}
+
+
+def test_required_resources_smoke_and_default():
+    # smoke: 2 × 1 + 2 × 1 + 1 × 0.5 = 4.5 CPU; no GPU entry when none is asked for
+    assert required_resources(make_cfg("experiment=smoke")) == {"CPU": 4.5}
+    assert required_resources(make_cfg()) == {"CPU": 2.5}
+
+
+def test_validate_resources_not_enough_cpu():
+    cfg = make_cfg("experiment=smoke")
+    with pytest.raises(ConfigError, match=r"asks for 4\.5 CPU but the Ray cluster has 4\b"):
+        validate_resources(cfg, {"CPU": 4.0, "memory": 1e9})
+
+
+def test_validate_resources_custom_resource_absent():
+    cfg = make_cfg("+topology.rollout_resources={rollout_node: 1}")
+    with pytest.raises(ConfigError, match=r"1 rollout_node but the Ray cluster has 0"):
+        validate_resources(cfg, {"CPU": 64.0, "GPU": 8.0})
+    validate_resources(cfg, {"CPU": 64.0, "rollout_node": 1.0})
+
+
+def test_validate_resources_gpu_absent():
+    cfg = make_cfg("topology=gpu_pools")
+    with pytest.raises(ConfigError, match=r"GPU"):
+        validate_resources(cfg, {"CPU": 64.0, "rollout_node": 8.0, "learner_node": 8.0})
+
+
+def test_validate_resources_enough():
+    validate_resources(make_cfg("experiment=smoke"), {"CPU": 4.5})
+    validate_resources(make_cfg("experiment=smoke"), {"CPU": 16.0, "GPU": 0.0, "memory": 1e10})
+    validate_resources(make_cfg("topology=gpu_pools"),
+                       {"CPU": 9.0, "GPU": 2.0, "rollout_node": 1.0, "learner_node": 1.0})
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+RAYGRPO = Path(sys.executable).parent / "raygrpo"
+
+
+def run_cli(tmp_path: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("WANDB_API_KEY", None)
+    env["RAYGRPO_CACHE"] = str(tmp_path / "cache")
+    cmd = [str(RAYGRPO)] if RAYGRPO.exists() else [sys.executable, "-m", "orchestration"]
+    return subprocess.run(cmd + list(overrides), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("raygrpo: error:")]
+
+
+def test_cli_group_size_error(tmp_path):
+    res = run_cli(tmp_path, "rollout.group_size=1")
+    assert res.returncode == 2, res.stderr
+    lines = _error_lines(res.stderr)
+    assert len(lines) == 1, res.stderr
+    assert "group_size" in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_missing_model_path(tmp_path):
+    res = run_cli(tmp_path, "model.path=/nonexistent")
+    assert res.returncode == 2, res.stderr
+    lines = _error_lines(res.stderr)
+    assert len(lines) == 1 and "/nonexistent" in lines[0], res.stderr
+
+
+def test_cli_topology_too_big_for_cluster(tmp_path):
+    res = run_cli(tmp_path, "experiment=smoke", "topology.num_cpus=2", "dry_run=true")
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = _error_lines(res.stderr)
+    assert len(lines) == 1, res.stderr
+    assert "CPU" in lines[0] and "4.5" in lines[0]
+
+
+def test_cli_smoke_dry_run_placement(tmp_path):
+    res = run_cli(tmp_path, "experiment=smoke", "dry_run=true")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    header = [i for i, line in enumerate(lines) if line.split()[:2] == ["role", "index"]]
+    assert len(header) == 1, res.stdout
+    rows = [line.split() for line in lines[header[0] + 1:] if line.strip()]
+    by_role: dict[str, list[list[str]]] = {}
+    for r in rows:
+        by_role.setdefault(r[0], []).append(r)
+    # the order of the role blocks is not part of the contract; their contents are
+    assert sorted(by_role) == ["learner", "reward", "rollout"], res.stdout
+    assert [r[1] for r in by_role["rollout"]] == ["0", "1"], res.stdout
+    assert [r[1] for r in by_role["learner"]] == ["0", "1"], res.stdout
+    assert [r[1] for r in by_role["reward"]] == ["0"], res.stdout
+    assert [r[-1] for r in by_role["rollout"] + by_role["learner"]] == ["CPU=1"] * 4
+    assert by_role["reward"][0][-1] == "CPU=0.5"
+    assert len(rows) == 5
+    assert not (tmp_path / "cache" / "models").exists()  # a dry run builds no model

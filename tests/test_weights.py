@@ -1,0 +1,238 @@
+"""Tests for learner/weights.py: bucket planning, pack/unpack, checksums, gloo broadcast."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import time
+
+import pytest
+import torch
+
+from learner.weights import (
+    BroadcastTransport,
+    TensorSpec,
+    checksum,
+    checksums_match,
+    pack,
+    plan_buckets,
+    unpack,
+)
+
+# --------------------------------------------------------------------------- plan_buckets
+
+
+def _names(buckets):
+    return [[s.name for s in b] for b in buckets]
+
+
+def test_tensor_spec_numel():
+    assert TensorSpec("a", (2, 3, 4)).numel == 24
+    assert TensorSpec("scalar", ()).numel == 1
+
+
+def test_plan_buckets_keeps_order_and_respects_bound():
+    # element_size 4, bound 40 bytes = 10 elements.
+    specs = [TensorSpec("a", (4,)), TensorSpec("b", (3, 2)), TensorSpec("c", (5,)), TensorSpec("d", (2, 2)),
+             TensorSpec("e", (1,)), TensorSpec("f", (10,))]
+    buckets = plan_buckets(specs, bucket_bytes=40, element_size=4)
+    # a(4)+b(6)=10 fits exactly; c(5)+d(4)+e(1)=10; f(10) alone.
+    assert _names(buckets) == [["a", "b"], ["c", "d", "e"], ["f"]]
+    flat = [s for b in buckets for s in b]
+    assert flat == specs  # order kept, nothing lost or duplicated
+    for b in buckets:
+        assert sum(s.numel for s in b) * 4 <= 40
+
+
+def test_plan_buckets_oversized_tensor_alone():
+    specs = [TensorSpec("small1", (2,)), TensorSpec("huge", (100,)), TensorSpec("small2", (2,)),
+             TensorSpec("small3", (3,))]
+    buckets = plan_buckets(specs, bucket_bytes=16, element_size=2)  # 8 elements per bucket
+    assert _names(buckets) == [["small1"], ["huge"], ["small2", "small3"]]
+    # Only a bucket holding a single tensor may exceed the bound.
+    for b in buckets:
+        if sum(s.numel for s in b) * 2 > 16:
+            assert len(b) == 1 and b[0].name == "huge"
+
+
+def test_plan_buckets_empty():
+    assert plan_buckets([], bucket_bytes=10, element_size=4) == []
+
+
+# --------------------------------------------------------------------------- pack / unpack
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w1": torch.randn(3, 4, generator=g),
+        "b1": torch.randn(4, generator=g),
+        "w2": torch.randn(2, 2, 2, generator=g),
+        "s": torch.randn((), generator=g),
+    }
+
+
+def test_pack_unpack_round_trip_float32():
+    ts = _tensors()
+    bucket = [TensorSpec(n, tuple(t.shape)) for n, t in ts.items()]
+    numel = sum(s.numel for s in bucket)
+    buf = pack(ts.values(), numel, torch.float32, "cpu")
+    assert buf.shape == (numel,) and buf.dtype == torch.float32
+    out = list(unpack(buf, bucket))
+    assert [n for n, _ in out] == list(ts)
+    for (name, view), (_, ref) in zip(out, ts.items()):
+        assert view.shape == ref.shape
+        assert torch.equal(view, ref), name
+    # pack copies: mutating the source does not change the buffer.
+    ts["b1"].zero_()
+    assert not torch.equal(dict(unpack(buf, bucket))["b1"], ts["b1"])
+
+
+def test_pack_unpack_round_trip_bfloat16_cast():
+    ts = _tensors()
+    bucket = [TensorSpec(n, tuple(t.shape)) for n, t in ts.items()]
+    numel = sum(s.numel for s in bucket)
+    buf = pack(ts.values(), numel, torch.bfloat16, "cpu")
+    assert buf.dtype == torch.bfloat16
+    for (name, view), (_, ref) in zip(unpack(buf, bucket), ts.items()):
+        assert view.dtype == torch.bfloat16 and view.shape == ref.shape
+        assert torch.equal(view, ref.to(torch.bfloat16)), name
+    # Values exactly representable in bf16 survive the cast unchanged.
+    exact = [torch.tensor([1.0, -2.5, 0.125]), torch.tensor([[3.0, 256.0]])]
+    b2 = [TensorSpec("x", (3,)), TensorSpec("y", (1, 2))]
+    got = dict(unpack(pack(exact, 5, torch.bfloat16, "cpu"), b2))
+    assert got["x"].float().tolist() == [1.0, -2.5, 0.125]
+    assert got["y"].float().tolist() == [[3.0, 256.0]]
+
+
+def test_pack_wrong_numel_fails():
+    with pytest.raises((AssertionError, RuntimeError)):
+        pack([torch.ones(3)], 5, torch.float32, "cpu")
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def test_checksum_values_by_hand():
+    # sum = 6; weights are (index % 251) + 1 = 1, 2, 3 -> 1*1 + 2*2 + 3*3 = 14
+    assert checksum(torch.tensor([1.0, 2.0, 3.0])) == (6.0, 14.0)
+
+
+def test_checksum_equal_for_equal_buffers():
+    a = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    assert checksum(a) == checksum(a.clone())
+
+
+def test_checksum_order_sensitive():
+    a = torch.arange(10, dtype=torch.float32)
+    b = a.clone()
+    b[2], b[3] = a[3].item(), a[2].item()
+    ca, cb = checksum(a), checksum(b)
+    assert ca[0] == cb[0]  # the plain sum cannot see a swap
+    assert ca[1] != cb[1]  # the weighted sum does
+    assert not checksums_match([ca], [cb])
+
+
+def test_checksum_value_change():
+    a = torch.ones(300)
+    b = a.clone()
+    b[299] = 1.5
+    assert checksum(a) != checksum(b)
+    assert not checksums_match([checksum(a)], [checksum(b)])
+
+
+def test_checksums_match_tolerance_and_length():
+    a = [(1000.0, 5000.0), (1.0, 2.0)]
+    assert checksums_match(a, list(a))
+    # tolerance is rtol * max(1, |x|, |y|): 1e-9 * 1000 = 1e-6 absolute here
+    assert checksums_match([(1000.0, 5000.0)], [(1000.0 + 5e-7, 5000.0)])  # 5e-7 <= 1e-9*1000 = 1e-6
+    assert not checksums_match([(1000.0, 5000.0)], [(1000.0 + 5e-6, 5000.0)])  # 5e-6 > 1e-6
+    # small values: the tolerance floor is rtol * 1 (absolute 1e-9)
+    assert checksums_match([(0.0, 0.0)], [(5e-10, 0.0)])
+    assert not checksums_match([(0.0, 0.0)], [(5e-9, 0.0)])
+    assert checksums_match([(0.0, 0.0)], [(5e-9, 0.0)], rtol=1e-8)
+    # length mismatch is never a match, even when the common prefix agrees
+    assert not checksums_match(a, a[:1])
+    assert not checksums_match([], a)
+    assert checksums_match([], [])
+
+
+# --------------------------------------------------------------------------- BroadcastTransport (gloo)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BUFFERS = [  # (numel, dtype) of the three broadcast buffers
+    (10, torch.float32),
+    (7, torch.bfloat16),
+    (1000, torch.float32),
+]
+
+
+def _sender_buffers() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return [torch.randn(n, generator=g).to(dtype) for n, dtype in BUFFERS]
+
+
+def _receiver(port: int, rank: int, world_size: int, queue) -> None:
+    try:
+        t = BroadcastTransport("127.0.0.1", port, rank, world_size, "gloo", generation=1, timeout_s=60)
+        sums, values = [], []
+        for numel, dtype in BUFFERS:
+            buf = torch.zeros(numel, dtype=dtype)
+            t.recv(buf)
+            sums.append(checksum(buf))
+            values.append(buf.float().tolist())
+        t.close()
+        queue.put((rank, sums, values, None))
+    except Exception as e:  # report instead of hanging the parent
+        queue.put((rank, None, None, repr(e)))
+
+
+def test_broadcast_gloo_two_receivers():
+    ctx = mp.get_context("spawn")
+    port, world = _free_port(), 3
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_receiver, args=(port, r, world, queue), daemon=True) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    try:
+        sender = BroadcastTransport("127.0.0.1", port, 0, world, "gloo", generation=1, timeout_s=60)
+        bufs = _sender_buffers()
+        sent = []
+        for buf in bufs:
+            sender.send(buf)
+            sent.append(checksum(buf))
+        results = sorted(queue.get(timeout=90) for _ in procs)
+        sender.close()
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert [r[0] for r in results] == [1, 2]
+    for rank, sums, values, err in results:
+        assert err is None, f"receiver {rank}: {err}"
+        assert sums == sent
+        assert checksums_match(sums, sent)
+        assert values == [b.float().tolist() for b in bufs]
+    # the sender's buffers are left unchanged by sending
+    assert [checksum(b) for b in _sender_buffers()] == sent
+
+
+def test_broadcast_sender_times_out_without_receiver():
+    start = time.monotonic()
+    with pytest.raises(Exception) as info:
+        BroadcastTransport("127.0.0.1", _free_port(), 0, 2, "gloo", timeout_s=3)
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, elapsed
+    assert "time" in str(info.value).lower()  # "Timed out ... waiting for clients"
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="unknown broadcast backend"):
+        BroadcastTransport("127.0.0.1", _free_port(), 0, 1, "mpi", timeout_s=3)
