@@ -28,6 +28,12 @@ class LearnerGroup:
         parts = ray.get([w.logprobs.remote(batch.shard(r, n)) for r, w in enumerate(self.workers)])
         return [row for part in parts for row in part]
 
+    def reference_kl(self, batch: TrainBatch, estimator: str) -> list[float]:
+        """Per-sequence summed KL to the reference model (for KL-in-reward)."""
+        n = len(self.workers)
+        parts = ray.get([w.reference_kl.remote(batch.shard(r, n), estimator) for r, w in enumerate(self.workers)])
+        return [x for part in parts for x in part]
+
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
         return ray.get(self.workers[0].weight_manifest.remote())
 

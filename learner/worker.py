@@ -52,7 +52,7 @@ class LearnerWorker:
                  schedule: str = "constant", total_steps: int = 1, grad_clip: float = 1.0,
                  micro_batch_tokens: int = 4096, num_minibatches: int = 1, temperature: float = 1.0,
                  mixed_precision: bool = True, gradient_checkpointing: bool = False, seed: int = 0,
-                 cpu_threads: int = 1) -> None:
+                 cpu_threads: int = 1, reference: bool = False) -> None:
         rank, world_size = self.rank, self.world_size
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -64,7 +64,8 @@ class LearnerWorker:
         self.grad_clip, self.micro_batch_tokens, self.num_minibatches = grad_clip, micro_batch_tokens, num_minibatches
         mp = mixed_precision and self.device.type == "cuda"
         self.model = self._load(model_path, mp, gradient_checkpointing, trainable=True)
-        self.ref = self._load(model_path, mp, False, trainable=False) if objective.needs_reference else None
+        self.ref = self._load(model_path, mp, False, trainable=False) \
+            if objective.needs_reference or reference else None
         self.pad_id = self.model.config.pad_token_id or 0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -104,6 +105,14 @@ class LearnerWorker:
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Current policy's logprobs of each completion's tokens (evaluation, tests, IS weights)."""
         return [t.tolist() for t in self._recompute_logprobs(batch, self.model)]
+
+    def reference_kl(self, batch: TrainBatch, estimator: str) -> list[float]:
+        """Σ_t KL_t(behaviour ‖ reference) per sequence, with the engine's logprobs as behaviour."""
+        from learner.grpo import kl_penalty
+
+        ref = self._recompute_logprobs(batch, self.ref)
+        return [float(kl_penalty(torch.tensor(lp), r, estimator).sum()) if lp else 0.0
+                for lp, r in zip(batch.rollout_logprobs, ref)]
 
     @torch.no_grad()
     def _recompute_logprobs(self, batch: TrainBatch, model) -> list[torch.Tensor]:

@@ -24,12 +24,28 @@ def advantages(rewards: torch.Tensor, group_size: int, algo: Any) -> torch.Tenso
     return grpo.group_advantages(rewards, group_size, scale_by_std=algo.scale_by_std)
 
 
-def build_batch(groups: list[Group], scores: list[list[Score]], algo: Any) -> tuple[TrainBatch, torch.Tensor]:
-    """Returns the batch and the raw rewards [P, G] (NaN where the reward failed)."""
-    raw = torch.tensor([[s.reward if s.status == "ok" else float("nan") for s in row] for row in scores])
+def reward_matrix(scores: list[list[Score]]) -> torch.Tensor:
+    """Rewards [P, G], NaN where the reward failed."""
+    return torch.tensor([[s.reward if s.status == "ok" else float("nan") for s in row] for row in scores])
+
+
+def overlong_shaping(groups: list[Group], max_tokens: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment as a reward term [P, G] (zeros when buffer is 0)."""
+    lengths = torch.tensor([[len(c.token_ids) for c in g.completions] for g in groups], dtype=torch.float32)
+    if buffer <= 0:
+        return torch.zeros_like(lengths)
+    return factor * grpo.overlong_penalty(lengths.reshape(-1), max_tokens, buffer).reshape(lengths.shape)
+
+
+def build_batch(groups: list[Group], scores: list[list[Score]], algo: Any,
+                shaping: torch.Tensor | None = None) -> tuple[TrainBatch, torch.Tensor]:
+    """Returns the batch and the raw rewards [P, G] (NaN where the reward failed). `shaping` [P, G]
+    (overlong penalty, KL-in-reward) is added to the rewards the advantages are computed from."""
+    raw = reward_matrix(scores)
     ok = ~raw.isnan()
+    shaped = raw if shaping is None else raw + shaping
     adv = torch.zeros_like(raw)
-    for i, row in enumerate(raw):  # each group over its successful samples only
+    for i, row in enumerate(shaped):  # each group over its successful samples only
         if int(ok[i].sum()) >= 2:
             adv[i, ok[i]] = advantages(row[ok[i]], int(ok[i].sum()), algo)
     batch = TrainBatch(

@@ -145,8 +145,21 @@ class AlgoConfig:
     """β of the KL to a frozen reference model. 0 loads no reference model."""
     kl_estimator: str = "k3"
     """KL estimator: `k1`, `k2` or `k3`."""
+    kl_in: str = "loss"
+    """Where the KL goes: `loss` (β·KL added to the loss, GRPO) or `reward` (β·Σ_t KL_t of the
+    sampled sequence subtracted from its reward before advantages, PPO-RLHF style)."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (0 disables)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: a linear penalty over the last `overlong_buffer` tokens
+    before rollout.max_new_tokens (0 disables)."""
+    overlong_factor: float = 1.0
+    """Scale of the overlong penalty (it reaches −overlong_factor at the limit)."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts until the batch holds
+    rollout.prompts_per_step informative groups (or `max_sampling_rounds` is reached)."""
+    max_sampling_rounds: int = 3
+    """Generation rounds per step under dynamic sampling (the first included)."""
 
 
 @dataclass
@@ -198,6 +211,7 @@ class WandbConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases settings."""
     progress: bool = True
     """Show a progress bar with ETA."""
 
@@ -239,16 +253,27 @@ class Config:
     stage: str = "train"
     """`train` (GRPO), or `eval` (evaluate `model.path` on the test split; starts no learner)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (and reference) model."""
     task: TaskConfig = field(default_factory=TaskConfig)
+    """Where prompts and reference answers come from."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation: engines, group size, sampling."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """Scoring: reward functions, weights, deadlines."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """Optimisation: ranks, AdamW, schedule, micro-batching."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """The GRPO-family objective (see conf/algo/ for presets)."""
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    """Resources and placement of every actor."""
     sync: SyncConfig = field(default_factory=SyncConfig)
+    """Learner → engine weight broadcast."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Metrics sinks."""
     ray: RayConfig = field(default_factory=RayConfig)
+    """Which Ray cluster to use."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
 
 
 def register_configs() -> None:
@@ -295,6 +320,10 @@ def validate(cfg: Any) -> None:
     _check(a.clip_high > 0, f"algo.clip_high must be > 0, got {a.clip_high}")
     _check(a.kl_coef >= 0, f"algo.kl_coef must be >= 0, got {a.kl_coef}")
     _check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator must be k1, k2 or k3, got {a.kl_estimator!r}")
+    _check(a.kl_in in ("loss", "reward"), f"algo.kl_in must be loss or reward, got {a.kl_in!r}")
+    _check(0 <= a.overlong_buffer < r.max_new_tokens,
+           f"algo.overlong_buffer must be in [0, rollout.max_new_tokens={r.max_new_tokens}), got {a.overlong_buffer}")
+    _check(a.max_sampling_rounds >= 1, f"algo.max_sampling_rounds must be >= 1, got {a.max_sampling_rounds}")
     _check(a.advantage in ("grpo", "rloo"), f"algo.advantage must be grpo or rloo, got {a.advantage!r}")
     _check(a.loss in ("ppo", "gspo"), f"algo.loss must be ppo or gspo, got {a.loss!r}")
     _check(a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),

@@ -12,10 +12,12 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from actors.types import Prompt, SamplingSpec
+from actors.scoring import Score
+from actors.types import Group, Prompt, SamplingSpec
+from learner.batch import TrainBatch
 from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
-from orchestration.batching import build_batch, pad_to_multiple
+from orchestration.batching import build_batch, overlong_shaping, pad_to_multiple
 from orchestration.cluster import Placement
 from orchestration.evaluation import EvalResult, evaluate
 from orchestration.metrics import RunLogger, Timer
@@ -52,8 +54,9 @@ def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
     r, l, a = cfg.rollout, cfg.learner, cfg.algo
     rollout = start_rollout(cfg, placement, model_path)
     rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s)
+    kl_in_loss = a.kl_coef if a.kl_in == "loss" else 0.0
     objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
-                              max_tokens=r.max_new_tokens, kl_coef=a.kl_coef, kl_estimator=a.kl_estimator,
+                              max_tokens=r.max_new_tokens, kl_coef=kl_in_loss, kl_estimator=a.kl_estimator,
                               entropy_coef=a.entropy_coef)
     learner = LearnerGroup(
         l.num_ranks, placement.options["learner"], model_path=model_path, objective=objective, lr=l.lr,
@@ -61,7 +64,7 @@ def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
         total_steps=cfg.steps, grad_clip=l.grad_clip, micro_batch_tokens=l.micro_batch_tokens,
         num_minibatches=l.num_minibatches, temperature=r.temperature, mixed_precision=l.mixed_precision,
         gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
-        cpu_threads=max(1, int(cfg.topology.learner_cpus)))
+        cpu_threads=max(1, int(cfg.topology.learner_cpus)), reference=a.kl_in == "reward" and a.kl_coef > 0)
     gpus = cfg.topology.rollout_gpus > 0 or cfg.topology.learner_gpus > 0
     backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if gpus else "gloo")
     sync = WeightSync(learner, rollout, backend=backend, dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
@@ -96,28 +99,76 @@ def train(cfg: Any, actors: Actors, logger: RunLogger) -> tuple[EvalResult | Non
         if pending is None and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
             with timer("eval"):
                 pending = evaluate_now()
-        problems = task.train_batch(step, r.prompts_per_step)
-        answers = {p.id: p.answer for p in problems}
-        prompts = [Prompt(p.id, p.prompt, cfg.task.system_prompt) for p in problems]
-        with timer("generate"):
-            result = actors.rollout.generate(prompts, spec)
-        with timer("reward"):
-            scores = actors.rewards.score(result.groups, answers)
-        batch, rewards = build_batch(result.groups, scores, cfg.algo)
-        batch, padded = pad_to_multiple(batch, cfg.learner.num_ranks * cfg.learner.num_minibatches)
+        sampled = sample_groups(cfg, task, step, actors, spec, timer)
+        if not sampled.groups:  # dynamic sampling found no informative group: nothing to learn from
+            log.warning("step %d: no informative group after %d rounds; skipping the update", step,
+                        sampled.metrics["sampling/rounds"])
+            logger.log(step, {**sampled.metrics, **timer.breakdown()})
+            continue
         with timer("learner"):
+            batch, rewards, padded = make_batch(cfg, sampled, actors.learner)
             learner_metrics = actors.learner.train_step(batch)
         with timer("sync"):
             if actors.rollout.needs_resync:
                 actors.sync.connect()
             actors.sync.push(step + 1)
-        metrics = step_metrics(result, scores, rewards, learner_metrics, timer, padded, actors)
+        metrics = step_metrics(sampled, rewards, learner_metrics, timer, padded, actors)
         logger.log(step, {**metrics, **(pending.metrics if pending else {})})
         pending = None
     final = evaluate_now() if cfg.eval.enabled else None
     if final:
         logger.log(cfg.steps, final.metrics)
     return first, final
+
+
+@dataclass
+class Sampled:
+    """One step's scored groups (informative ones only under dynamic sampling)."""
+
+    groups: list[Group]
+    scores: list[list[Score]]
+    dropped: list[str]  # prompt ids over the length limit
+    metrics: dict[str, float]
+
+
+def sample_groups(cfg: Any, task: ArithmeticTask, step: int, actors: Actors, spec: SamplingSpec,
+                  timer: Timer) -> Sampled:
+    """Generate and score the step's groups. With DAPO's dynamic sampling, groups whose rewards are
+    all equal are dropped and further prompts drawn, for at most `algo.max_sampling_rounds` rounds."""
+    want, dynamic = cfg.rollout.prompts_per_step, cfg.algo.dynamic_sampling
+    out = Sampled([], [], [], {})
+    generated = rounds = 0
+    while len(out.groups) < want and rounds < (cfg.algo.max_sampling_rounds if dynamic else 1):
+        problems = task.train_batch(step, want - len(out.groups), rounds)
+        answers = {p.id: p.answer for p in problems}
+        with timer("generate"):
+            result = actors.rollout.generate([Prompt(p.id, p.prompt, cfg.task.system_prompt) for p in problems], spec)
+        with timer("reward"):
+            scores = actors.rewards.score(result.groups, answers)
+        for group, row in zip(result.groups, scores):
+            if not dynamic or len({s.reward for s in row if s.status == "ok"}) > 1:
+                out.groups.append(group)
+                out.scores.append(row)
+        out.dropped += result.dropped
+        generated += len(result.groups)
+        rounds += 1
+    out.metrics = {"sampling/rounds": float(rounds), "sampling/generated_groups": float(generated),
+                   "sampling/dropped_groups": float(generated - len(out.groups))}
+    return out
+
+
+def make_batch(cfg: Any, sampled: Sampled, learner: LearnerGroup) -> tuple[TrainBatch, torch.Tensor, int]:
+    """Rewards (+ overlong shaping, − β·KL when the KL lives in the reward) → advantages → batch,
+    padded with zero-weight rows to split evenly over ranks × mini-batches."""
+    a = cfg.algo
+    shaping = overlong_shaping(sampled.groups, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_factor)
+    if a.kl_in == "reward" and a.kl_coef > 0:
+        sequences, _ = build_batch(sampled.groups, sampled.scores, a)
+        kl = torch.tensor(learner.reference_kl(sequences, a.kl_estimator)).reshape(shaping.shape)
+        shaping = shaping - a.kl_coef * kl
+    batch, rewards = build_batch(sampled.groups, sampled.scores, a, shaping)
+    batch, padded = pad_to_multiple(batch, cfg.learner.num_ranks * cfg.learner.num_minibatches)
+    return batch, rewards, padded
 
 
 def save_outputs(cfg: Any, actors: Actors, model_path: str) -> Path:
@@ -134,10 +185,11 @@ def save_outputs(cfg: Any, actors: Actors, model_path: str) -> Path:
     return policy
 
 
-def step_metrics(result, scores, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
+def step_metrics(sampled: Sampled, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
                  padded: int, actors: Actors) -> dict[str, float]:
     """Everything a user watches per step, named `area/metric`."""
-    completions = [c for g in result.groups for c in g.completions]
+    scores = sampled.scores
+    completions = [c for g in sampled.groups for c in g.completions]
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
     ok = ~rewards.isnan()
     flat = [s for row in scores for s in row]
@@ -157,9 +209,10 @@ def step_metrics(result, scores, rewards: torch.Tensor, learner: dict[str, float
         "rollout/response_length_mean": float(lengths.mean()),
         "rollout/response_length_max": float(lengths.max()),
         "rollout/truncated": sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
-        "rollout/prompts_dropped": float(len(result.dropped)),
+        "rollout/prompts_dropped": float(len(sampled.dropped)),
         "rollout/actors_lost": float(actors.rollout.lost),
-        "rollout/policy_version": float(min(g.version for g in result.groups)),
+        "rollout/policy_version": float(min(g.version for g in sampled.groups)),
+        **sampled.metrics,
         "learner/padding_sequences": float(padded),
         **{f"learner/{k}": v for k, v in learner.items()},
         "perf/tokens_per_s": float(lengths.sum()) / max(times["time/generate"], 1e-9),

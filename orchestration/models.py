@@ -57,6 +57,7 @@ def resolve_model_path(path: str) -> str:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
             builder(tmp)
+            tmp.chmod(0o755)
             try:
                 tmp.rename(target)
             except OSError:  # another process won the race; its copy is identical

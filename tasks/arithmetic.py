@@ -112,15 +112,17 @@ class ArithmeticTask:
         """The ``test_size`` held-out problems (always the same list for a seed)."""
         return list(self._test)
 
-    def train_batch(self, step: int, n: int) -> list[Problem]:
-        """``n`` training problems for ``step``, never one from the test set."""
-        if step < 0 or n < 0:
-            raise ValueError(f"step and n must be >= 0, got {step=}, {n=}")
-        rng = random.Random(_stable_seed("train", self.seed, step))
+    def train_batch(self, step: int, n: int, round: int = 0) -> list[Problem]:
+        """``n`` training problems for ``step``, never one from the test set. ``round`` > 0 draws
+        further, different problems for the same step (DAPO's dynamic sampling)."""
+        if step < 0 or n < 0 or round < 0:
+            raise ValueError(f"step, n and round must be >= 0, got {step=}, {n=}, {round=}")
+        rng = random.Random(_stable_seed("train", self.seed, step, *((round,) if round else ())))
+        prefix = f"train/{step}" + (f".{round}" if round else "")
         batch = []
         for i in range(n):
             for _ in range(_MAX_DRAWS_PER_PROBLEM):
-                problem = self._draw(rng, f"train/{step}/{i}")
+                problem = self._draw(rng, f"{prefix}/{i}")
                 if problem.prompt not in self._test_prompts:
                     break
             else:  # unreachable while test_size <= half of the expression space

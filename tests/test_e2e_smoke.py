@@ -31,13 +31,16 @@ def test_smoke_run_end_to_end(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # 3 training steps, then the final evaluation
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[3] and "reward/mean" not in rows[3]
+    rows = rows[:3]
     for row in rows:
         missing = [k for k in REQUIRED if k not in row]
         assert not missing, missing
         assert row["learner/logprob_mismatch"] < 1e-3  # engines sample from the learner's weights
     assert rows[-1]["rollout/policy_version"] == 2  # step 2 sampled from the weights of step 1
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run"
+    assert (out / "curves.png").stat().st_size > 10_000 and "| eval/accuracy |" in (out / "report.md").read_text()
 
     # The engines' last reported checksums equal those of the saved final policy, packed the same way.
     from transformers import AutoModelForCausalLM

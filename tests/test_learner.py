@@ -71,6 +71,12 @@ def test_grpo_step_matches_engine_logprobs_and_lowers_the_loss(ray_local, tiny_m
         assert metrics["clip_frac_low"] == 0 and metrics["clip_frac_high"] == 0  # on-policy: ratio 1
         new = group.logprobs(sampled)
         assert surrogate(sampled, new, old) < surrogate(sampled, old, old) - 1e-4
+        # a NaN loss is survived: the step is skipped on every rank and the weights stay put
+        poisoned = sampled.select(list(range(len(sampled))))
+        poisoned.advantages = [float("nan")] * len(sampled)
+        metrics = group.train_step(poisoned)
+        assert metrics["skipped_steps"] == 1
+        assert group.logprobs(sampled) == new
     finally:
         group.shutdown()
 
@@ -100,5 +106,38 @@ def test_sft_step_lowers_nll_and_engine_follows_broadcast(ray_local, tiny_model,
         learner_lp = [x for row in group.logprobs(probe) for x in row]
         engine_lp = [x for c in fresh.completions for x in c.logprobs]
         assert sum(abs(a - b) for a, b in zip(learner_lp, engine_lp)) / len(engine_lp) < 1e-3
+    finally:
+        group.shutdown()
+
+
+class Doomed:
+    """A rollout actor whose process dies mid-generate (a real actor death, as on a lost node)."""
+
+    def generate(self, prompts, spec):
+        import os
+
+        os._exit(1)
+
+    def join_weight_group(self, **kwargs):
+        raise AssertionError("a dead actor must not be asked to rejoin")
+
+
+def test_rollout_actor_death_is_survived_and_the_group_rebuilt(ray_local, tiny_model, engine):
+    from orchestration.pools import RolloutPool
+    from orchestration.weight_sync import WeightSync
+
+    pool = RolloutPool.__new__(RolloutPool)
+    pool.actors = [engine, ray_local.remote(num_cpus=0.1)(Doomed).remote()]
+    pool.timeout_s, pool.lost, pool.needs_resync = 120.0, 0, False
+    prompts = [Prompt(str(i), f"What is {i} + 1?") for i in range(4)]
+    result = pool.generate(prompts, SamplingSpec(n=2, temperature=1.0, max_tokens=4))
+    assert [g.prompt.id for g in result.groups] == ["0", "1", "2", "3"]  # nothing lost, order kept
+    assert pool.lost == 1 and pool.needs_resync and pool.actors == [engine]
+    group = make_group(ray_local, tiny_model, SFTObjective(), lr=1e-3)
+    try:
+        sync = WeightSync(group, pool, backend="gloo", dtype="float32", bucket_mb=1, timeout_s=60)
+        sync.connect()  # a new generation of the broadcast group, without the dead actor
+        sync.push(9)
+        assert not pool.needs_resync and sync.generation == 0 and sync.version == 9
     finally:
         group.shutdown()

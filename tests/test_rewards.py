@@ -103,7 +103,7 @@ def test_single_number(completion, expected):
 
 
 def test_registry_names():
-    assert set(REWARDS) == {"accuracy", "accuracy_strict", "format", "single_number"}
+    assert set(REWARDS) == {"accuracy", "accuracy_strict", "format", "single_number", "digits"}
     assert resolve("format") is format_reward
     assert is_known("accuracy")
 
