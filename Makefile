@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/raygrpo experiment=smoke
+	$(VENV)/bin/raygrpo experiment=demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -15,7 +15,6 @@ equals that of the full batch's loss, whatever the micro-batching.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch

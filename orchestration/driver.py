@@ -117,7 +117,7 @@ def train(cfg: Any, actors: Actors, logger: RunLogger) -> tuple[EvalResult | Non
         pending = None
     final = evaluate_now() if cfg.eval.enabled else None
     if final:
-        logger.log(cfg.steps, final.metrics)
+        logger.log(cfg.steps, final.metrics, advance=False)
     return first, final
 
 
@@ -220,6 +220,10 @@ def step_metrics(sampled: Sampled, rewards: torch.Tensor, learner: dict[str, flo
     }
     if "accuracy" in parts:
         m["reward/accuracy"] = sum(parts["accuracy"]) / len(parts["accuracy"])
+        shaping = [s for s in flat if s.status == "ok" and any(v > 0 for k, v in s.parts.items() if k != "accuracy")]
+        # reward hacking in miniature: credit from the other terms on wrong answers
+        m["reward/other_terms_without_accuracy"] = sum(s.parts.get("accuracy", 0.0) <= 0 for s in shaping) / max(
+            1, len(flat))
     return m
 
 

@@ -57,13 +57,14 @@ class RunLogger:
 
             self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
+        """Write one record; `advance` moves the progress bar (False for the final evaluation)."""
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=step)
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(int(advance))
             shown = {k.split("/")[-1]: record[k] for k in ("reward/mean", "eval/accuracy", "time/step") if k in record}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
 

@@ -13,6 +13,16 @@ SHA-256 digests, so results never depend on Python's salted ``hash``.
 Expressions are evaluated without ``eval`` and with the usual precedence:
 ``*`` binds tighter than ``+`` and ``-``, which are applied left to right,
 exactly as a reader (or Python) would evaluate the printed expression.
+
+Answer format, and why: the prompt asks for "just the number" and the accuracy reward reads the
+reply's final answer leniently (after ``####``, else in ``\boxed{}``, else its last number).
+At 135M parameters a strict ``#### <n>`` or R1-style ``<think>…</think>`` format is out of
+reach at first (measured on SmolLM2-135M-Instruct: 11% of replies used ``####`` and none of 192
+was right), so every group had zero reward variance and nothing could be learned. With the
+lenient reading the base model is right on ~30% of held-out two-operand problems up to 20, most
+groups have reward variance from the first step, and accuracy rises with training (see README).
+A format term is left to the reward config: a small "exactly one number" bonus was climbed with
+"The answer is N" replies while accuracy fell, so the demo uses accuracy alone.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
 from orchestration.config import ConfigError, register_configs, required_resources, validate, validate_resources

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from actors.types import Prompt, SamplingSpec
 from learner.batch import TrainBatch
