@@ -57,6 +57,14 @@ def _failed(error: str) -> Score:
     return Score(reward=0.0, parts={}, status="failed", error=error)
 
 
+def _die_with_parent() -> None:
+    """Linux: the child is killed when its parent dies (a SIGKILLed reward actor leaves no orphan)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 class _ChildDied(Exception):
     """The reward server closed its pipe (it exited or crashed)."""
 
@@ -142,6 +150,7 @@ class Scorer:
             stdout=subprocess.PIPE,
             env=env,
             bufsize=0,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         try:
             self._send(list(self.functions))

@@ -30,7 +30,9 @@ class TrainBatch:
             self.prompt_ids, self.completion_ids, self.rollout_logprobs, self.advantages, self.loss_weights)))
 
     def shard(self, rank: int, world_size: int) -> "TrainBatch":
-        """Contiguous shard `rank` of `world_size` (B must divide evenly; validation ensures it)."""
+        """Contiguous shard `rank` of `world_size` (B must divide evenly)."""
+        if len(self) % world_size:
+            raise ValueError(f"a batch of {len(self)} sequences does not split over {world_size} ranks")
         per = len(self) // world_size
         return self.select(list(range(rank * per, (rank + 1) * per)))
 

@@ -19,20 +19,25 @@ class LearnerGroup:
         ray.get([w.setup.remote(master, **setup_kwargs) for w in self.workers])
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One update on a batch that splits evenly over the ranks; returns rank 0's metrics."""
         n = len(self.workers)
         return ray.get([w.train_step.remote(batch.shard(r, n)) for r, w in enumerate(self.workers)])[0]
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        """Per-sequence completion logprobs under the current policy (all ranks, gathered)."""
-        n = len(self.workers)
-        parts = ray.get([w.logprobs.remote(batch.shard(r, n)) for r, w in enumerate(self.workers)])
-        return [row for part in parts for row in part]
+        """Per-sequence completion logprobs under the current policy."""
+        return self._per_sequence("logprobs", batch)
 
     def reference_kl(self, batch: TrainBatch, estimator: str) -> list[float]:
         """Per-sequence summed KL to the reference model (for KL-in-reward)."""
+        return self._per_sequence("reference_kl", batch, estimator)
+
+    def _per_sequence(self, method: str, batch: TrainBatch, *args: Any) -> list:
+        """Fan a per-sequence query out over the ranks (any batch size: padded, then trimmed)."""
         n = len(self.workers)
-        parts = ray.get([w.reference_kl.remote(batch.shard(r, n), estimator) for r, w in enumerate(self.workers)])
-        return [x for part in parts for x in part]
+        extra = (-len(batch)) % n
+        padded = batch.select(list(range(len(batch))) + [len(batch) - 1] * extra)
+        parts = ray.get([getattr(w, method).remote(padded.shard(r, n), *args) for r, w in enumerate(self.workers)])
+        return [x for part in parts for x in part][:len(batch)]
 
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
         return ray.get(self.workers[0].weight_manifest.remote())

@@ -2,7 +2,7 @@
 
 The learner worker knows nothing about the algorithm: it computes token logprobs (and, when an
 objective asks, reference logprobs and entropy) and hands them to an objective. GRPO and its
-variants are one objective configured by `algo`; SFT is another (for cold-start and distillation).
+variants are one objective configured by `algo`; SFT is another (the shape cold-start SFT and distillation will use).
 """
 
 from __future__ import annotations

@@ -54,8 +54,11 @@ class LearnerWorker:
                  cpu_threads: int = 1, reference: bool = False) -> None:
         rank, world_size = self.rank, self.world_size
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if self.device.type == "cpu":
+        # NCCL for CUDA tensors; gloo alongside it for the small CPU all-reduces (counts, metrics).
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Ray's CUDA_VISIBLE_DEVICES shows this rank one GPU
+        else:
             torch.set_num_threads(max(1, cpu_threads))
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size)
         torch.manual_seed(seed)
@@ -75,7 +78,8 @@ class LearnerWorker:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(self.device)
+        # Loaded on the CPU; fully_shard moves each rank's shards to its device (never the full model).
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if checkpointing:
             model.gradient_checkpointing_enable()
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
@@ -96,9 +100,11 @@ class LearnerWorker:
         logits = out.logits.float() / self.temperature
         logp = token_logprobs(logits, padded.targets)
         entropy = None
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                entropy = token_entropy(logits if entropy_grad else logits.detach())
+        if with_entropy and entropy_grad:
+            entropy = token_entropy(logits)
+        elif with_entropy:  # a metric only: no graph, one row at a time to bound memory
+            with torch.no_grad():
+                entropy = torch.stack([token_entropy(row) for row in logits.detach()])
         return logp, entropy
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
@@ -162,13 +168,15 @@ class LearnerWorker:
         num_tokens, num_seqs = self._global(sum(mask_counts), sum(w > 0 for w in batch.loss_weights))
         self.optimizer.zero_grad(set_to_none=True)
         obj = self.objective
+        # Reference logprobs in their own pass (its padding passes keep FSDP collectives in step).
+        ref_all = self._recompute_logprobs(batch, self.ref) if self.ref is not None and obj.needs_reference else None
         for idx in self._micro_plan(batch):
             if not idx:
                 self._dummy_forward(self.model, batch)
                 continue
             padded = pad(batch.select(idx), self.pad_id, self.device)
             logp, entropy = self._forward(self.model, padded, True, obj.needs_entropy_grad)
-            ref = self._forward(self.ref, padded, False, False)[0].detach() if self.ref is not None else None
+            ref = _scatter(ref_all, idx, padded) if ref_all is not None else None
             old_logp = logp.detach() if old is None else _scatter(old, idx, padded)
             loss, metrics = obj(Micro(logp, old_logp, padded.mask, padded.advantages, entropy, ref,
                                       int(num_tokens), int(num_seqs)))
@@ -244,11 +252,11 @@ def _full(param: torch.Tensor) -> torch.Tensor:
     return param.full_tensor() if hasattr(param, "full_tensor") else param
 
 
-def _scatter(old: list[torch.Tensor], idx: list[int], padded) -> torch.Tensor:
-    """Place recomputed per-sequence logprobs into the micro-batch's window layout."""
+def _scatter(per_sequence: list[torch.Tensor], idx: list[int], padded) -> torch.Tensor:
+    """Place per-sequence completion logprobs into the micro-batch's window layout."""
     out = torch.zeros_like(padded.mask)
     for row, i in enumerate(idx):
-        out[row][padded.completion[row] > 0] = old[i].to(out.device)
+        out[row][padded.completion[row] > 0] = per_sequence[i].to(out.device)
     return out
 
 

