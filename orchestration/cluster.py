@@ -23,7 +23,8 @@ from orchestration.config import ConfigError, role_bundle, validate_resources
 def start_ray(cfg: Any) -> None:
     """Join `ray.address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    quiet = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    env = {"env_vars": quiet}  # engines' INFO logs would drown the progress bar
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
