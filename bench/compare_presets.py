@@ -17,10 +17,20 @@ from pathlib import Path
 PRESETS = ["grpo", "dr_grpo", "dapo", "gspo", "rloo"]
 
 
+def preset_overrides(preset: str) -> list[str]:
+    """The preset's own values as command-line overrides: the demo experiment sets algo fields
+    (kl_coef 0) that would otherwise mask the preset's."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "algo" / f"{preset}.yaml")
+    return [f"algo.{k}={v}" for k, v in values.items()]
+
+
 def run(preset: str, out: Path, steps: int, extra: list[str]) -> list[dict]:
     run_dir = out / preset
-    cmd = [sys.executable, "-m", "orchestration", "experiment=demo", f"algo={preset}", f"steps={steps}",
-           f"output_dir={run_dir}", "logger.progress=false", "eval.every_n_steps=0", "eval.pass_k=1", *extra]
+    cmd = [sys.executable, "-m", "orchestration", "experiment=demo", f"algo={preset}", *preset_overrides(preset),
+           f"steps={steps}", f"output_dir={run_dir}", "logger.progress=false", "eval.every_n_steps=0",
+           "eval.pass_k=1", *extra]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
