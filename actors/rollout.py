@@ -92,9 +92,6 @@ class RolloutActor:
             raise RuntimeError("tensor-parallel workers of one engine received different weights")
         return first
 
-    def parameter_fingerprint(self) -> float:
-        return self.llm.collective_rpc("parameter_fingerprint")[0]
-
 
 def _on_cpu() -> bool:
     import torch

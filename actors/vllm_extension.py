@@ -63,8 +63,3 @@ class WeightSyncExtension:
         method = getattr(lm_head, "quant_method", None)
         if tied and method is not None:
             method.process_weights_after_loading(lm_head)
-
-    def parameter_fingerprint(self) -> float:
-        """Sum of every parameter in float64 (tests use it to tell weights apart)."""
-        model = self.model_runner.get_model()
-        return float(sum(p.detach().to(torch.float64).sum() for p in model.parameters()))

@@ -181,7 +181,7 @@ class LearnerWorker:
             loss, metrics = obj(Micro(logp, old_logp, padded.mask, padded.advantages, entropy, ref,
                                       int(num_tokens), int(num_seqs)))
             (loss * self.world_size).backward()
-            stats.add_micro(loss.item(), metrics, logp.detach(), entropy, padded, old is None)
+            stats.add_micro(loss.item(), metrics, logp.detach(), entropy, padded)
         grad_norm = self._clip_and_step()
         stats.add_step(grad_norm, self.scheduler.get_last_lr()[0])
 
@@ -279,7 +279,7 @@ class _Stats:
         self.tokens = 0.0
         self.steps: list[tuple[float, float]] = []
 
-    def add_micro(self, loss, metrics, logp, entropy, padded, on_policy: bool) -> None:
+    def add_micro(self, loss, metrics, logp, entropy, padded) -> None:
         mask = padded.mask
         n = float(mask.sum())
         values = {k: float(v) for k, v in metrics.items()}

@@ -26,7 +26,7 @@ def advantages(rewards: torch.Tensor, group_size: int, algo: Any) -> torch.Tenso
 
 def reward_matrix(scores: list[list[Score]]) -> torch.Tensor:
     """Rewards [P, G], NaN where the reward failed."""
-    return torch.tensor([[s.reward if s.status == "ok" else float("nan") for s in row] for row in scores])
+    return torch.tensor([[s.reward if s.ok else float("nan") for s in row] for row in scores])
 
 
 def overlong_shaping(groups: list[Group], max_tokens: int, buffer: int, factor: float) -> torch.Tensor:

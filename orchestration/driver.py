@@ -146,7 +146,7 @@ def sample_groups(cfg: Any, task: ArithmeticTask, step: int, actors: Actors, spe
         with timer("reward"):
             scores = actors.rewards.score(result.groups, answers)
         for group, row in zip(result.groups, scores):
-            if not dynamic or len({s.reward for s in row if s.status == "ok"}) > 1:
+            if not dynamic or len({s.reward for s in row if s.ok}) > 1:
                 out.groups.append(group)
                 out.scores.append(row)
         out.dropped += result.dropped
@@ -195,7 +195,7 @@ def step_metrics(sampled: Sampled, rewards: torch.Tensor, learner: dict[str, flo
     flat = [s for row in scores for s in row]
     parts: dict[str, list[float]] = {}
     for s in flat:
-        if s.status == "ok":
+        if s.ok:
             for name, value in s.parts.items():
                 parts.setdefault(name, []).append(value)
     zero_var = [bool((row[~row.isnan()].unique().numel() <= 1)) for row in rewards]
@@ -220,7 +220,7 @@ def step_metrics(sampled: Sampled, rewards: torch.Tensor, learner: dict[str, flo
     }
     if "accuracy" in parts:
         m["reward/accuracy"] = sum(parts["accuracy"]) / len(parts["accuracy"])
-        shaping = [s for s in flat if s.status == "ok" and any(v > 0 for k, v in s.parts.items() if k != "accuracy")]
+        shaping = [s for s in flat if s.ok and any(v > 0 for k, v in s.parts.items() if k != "accuracy")]
         # reward hacking in miniature: credit from the other terms on wrong answers
         m["reward/other_terms_without_accuracy"] = sum(s.parts.get("accuracy", 0.0) <= 0 for s in shaping) / max(
             1, len(flat))

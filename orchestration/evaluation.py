@@ -33,7 +33,7 @@ def evaluate(rollout: RolloutPool, problems: list, cfg: Any, system_prompt: str 
             "eval/accuracy": sum(correct) / max(1, len(problems)),
             "eval/response_length": sum(len(g.completions[0].token_ids) for g in greedy.groups)
             / max(1, len(greedy.groups)),
-            "eval/failed": float(sum(s.status != "ok" for s in greedy_scores)),
+            "eval/failed": float(sum(not s.ok for s in greedy_scores)),
         }
         if cfg.pass_k > 1:
             spec = SamplingSpec(n=cfg.pass_k, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
