@@ -6,9 +6,13 @@ length-prefixed pickles (an 8-byte big-endian length, then the pickle):
 1. The parent sends the list of reward function names.  The child resolves
    them itself (so functions never need to be picklable) and answers
    ``("ready", None)`` or ``("error", message)``.
-2. Then, for each sample, the parent sends ``(completion, answer)`` and the
-   child answers ``("ok", {name: value})`` or ``("error", message)`` when a
-   function raised.  The child keeps serving after an error.
+2. Then requests, each answered by ``("ok", result)`` or ``("error", message)``
+   when a function raised (the child keeps serving after an error):
+   - ``("sample", completion, answer, prompt, metadata)``: every per-sample
+     function on one completion; result ``{name: value}``;
+   - ``("group", completions, answer, prompt, metadata)``: every batched
+     function on a whole group; result ``[{name: value}, ...]``, one per completion.
+   ``prompt`` and ``metadata`` reach only functions that ask for them.
 
 Functions run in the child's main thread, one sample at a time.  The child
 has no deadline of its own: the parent kills it when a reply is late.  It
@@ -65,33 +69,46 @@ def _private_pipes() -> tuple[BinaryIO, BinaryIO]:
     return requests, replies
 
 
-def _score(functions: dict, completion: str, answer: str) -> tuple[str, Any]:
-    """Run every function on one sample: ``("ok", parts)`` or ``("error", text)``."""
-    parts = {}
-    for name, fn in functions.items():
+def _score(functions: dict, request: tuple) -> tuple[str, Any]:
+    """Run the request's functions: ``("ok", parts)`` or ``("error", text)``."""
+    kind, first, answer, prompt, metadata = request
+    group = kind == "group"
+    context = {"prompt": prompt, "metadata": metadata}
+    parts: list[dict[str, float]] = [{} for _ in first] if group else [{}]
+    for name, (fn, batched, wants) in functions.items():
+        if batched != group:
+            continue
         try:
-            parts[name] = float(fn(completion, answer))
+            value = fn(first, answer, **{k: context[k] for k in wants})
+            values = [float(v) for v in value] if group else [float(value)]
+            if len(values) != len(parts):
+                raise ValueError(f"returned {len(values)} rewards for a group of {len(parts)}")
         except Exception as e:  # reported to the parent; the child keeps serving
             return "error", f"{name}: {type(e).__name__}: {e}"
-    return "ok", parts
+        for p, v in zip(parts, values):
+            p[name] = v
+    return "ok", parts if group else parts[0]
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
-    """The handshake, then one reply per sample until ``requests`` closes."""
-    from actors.rewards import resolve  # imported here so framing helpers stay light
+    """The handshake, then one reply per request until ``requests`` closes."""
+    from actors.rewards import context_kwargs, is_batched, resolve  # here, so framing helpers stay light
 
     try:
-        functions = {name: resolve(name) for name in read_message(requests)}
+        functions = {}
+        for name in read_message(requests):
+            fn = resolve(name)
+            functions[name] = (fn, is_batched(fn), context_kwargs(fn))
     except Exception as e:
         write_message(replies, ("error", f"{type(e).__name__}: {e}"))
         return
     write_message(replies, ("ready", None))
     while True:
         try:
-            completion, answer = read_message(requests)
+            request = read_message(requests)
         except EOFError:
             return
-        write_message(replies, _score(functions, completion, answer))
+        write_message(replies, _score(functions, request))
 
 
 def main() -> None:

@@ -2,11 +2,15 @@
 
 :class:`Scorer` runs the reward functions in a child process
 (``python -m actors.reward_server``, see that module for the protocol) and
-waits for each sample's reply with ``select`` and a deadline.  A sample that
+waits for each reply with ``select`` and a deadline.  A sample that
 overruns gets the child killed and replaced, so a hung reward (a pathological
 sympy simplification, say) costs one sample, never the run.  Because the
 functions run in the child's main thread, this also works when ``score`` is
 called from a non-main thread, such as inside a Ray actor.
+
+Per-sample functions get one request (and one ``timeout_s``) per completion; batched functions
+(:func:`actors.rewards.batched`) one request per group with ``timeout_s`` per completion in it,
+and an error or timeout there fails the whole group.
 
 A sample that could not be scored has ``status == "failed"`` and reward 0.0;
 callers should keep it apart from a genuine reward of 0.  POSIX only
@@ -27,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.reward_server import HEADER, pack
-from actors.rewards import resolve
+from actors.rewards import is_batched, resolve
+from actors.types import ScoreRequest
 
 # The directory that holds the ``actors`` package; the child needs it importable.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -74,8 +79,9 @@ class Scorer:
 
     Args:
         functions: Weight per reward function name; names are registry names
-            or ``"module:function"`` import paths (see :mod:`actors.rewards`).
-        timeout_s: Deadline for scoring one sample with all its functions.
+            or import paths (see :mod:`actors.rewards`).
+        timeout_s: Deadline for scoring one sample with all its per-sample
+            functions (a batched function gets it once per sample of its group).
 
     Raises:
         ValueError: no functions, an unknown function name (the message lists
@@ -91,20 +97,21 @@ class Scorer:
             raise ValueError("Scorer needs at least one reward function")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        for name in functions:
-            resolve(name)  # raises a ValueError that lists the known names
+        batched = {name for name in functions if is_batched(resolve(name))}  # ValueError lists known names
         self.functions = {name: float(weight) for name, weight in functions.items()}
         self.timeout_s = float(timeout_s)
+        self._per_sample = len(batched) < len(functions)
+        self._batched = bool(batched)
         self._lock = threading.Lock()
 
-    def score(self, items: list[tuple[str, str]]) -> list[Score]:
-        """One :class:`Score` per ``(completion, answer)`` pair, in order.
+    def score(self, requests: list[ScoreRequest]) -> list[list[Score]]:
+        """One :class:`Score` per completion of each request, in order.
 
         Raises:
             RuntimeError: the child process could not be started.
         """
         with self._lock:
-            return [self._score_one(completion, answer) for completion, answer in items]
+            return [self._score_group(r) for r in requests]
 
     def close(self) -> None:
         """Stop the child process (a later ``score`` starts a new one)."""
@@ -120,23 +127,37 @@ class Scorer:
         with contextlib.suppress(Exception):
             self._stop()
 
-    def _score_one(self, completion: str, answer: str) -> Score:
-        """Score one sample, replacing the child when it hangs or dies."""
-        if self._proc is None:
-            self._start()
-        try:
-            self._send((completion, answer))
-            status, payload = self._receive(self.timeout_s)
-        except TimeoutError:
-            self._stop()
-            return _failed(f"timeout after {self.timeout_s:g} s")
-        except _ChildDied:
-            code = self._stop(grace_s=1.0)
-            return _failed(f"reward server died (exit code {code})")
+    def _score_group(self, r: ScoreRequest) -> list[Score]:
+        context = (r.answer, r.prompt, r.metadata)
+        replies = [self._request(("sample", c, *context), self.timeout_s) if self._per_sample else ("ok", {})
+                   for c in r.completions]
+        if self._batched and r.completions:
+            status, payload = self._request(("group", r.completions, *context), self.timeout_s * len(r.completions))
+            if status != "ok":
+                replies = [(status, payload)] * len(replies)
+            else:
+                replies = [(s, {**p, **extra} if s == "ok" else p) for (s, p), extra in zip(replies, payload)]
+        return [self._to_score(*reply) for reply in replies]
+
+    def _to_score(self, status: str, payload: object) -> Score:
         if status != "ok":
             return _failed(payload)
         reward = sum(weight * payload[name] for name, weight in self.functions.items())
         return Score(reward=reward, parts=payload, status="ok")
+
+    def _request(self, message: tuple, timeout_s: float) -> tuple[str, object]:
+        """The child's reply, or ("error", why) after replacing a child that hung or died."""
+        if self._proc is None:
+            self._start()
+        try:
+            self._send(message)
+            return self._receive(timeout_s)
+        except TimeoutError:
+            self._stop()
+            return "error", f"timeout after {timeout_s:g} s"
+        except _ChildDied:
+            code = self._stop(grace_s=1.0)
+            return "error", f"reward server died (exit code {code})"
 
     def _start(self) -> None:
         """Start a child and wait until it has resolved the functions."""

@@ -7,6 +7,9 @@ for training. `text` is kept only for rewards and reports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Union
+
+Messages = tuple[dict[str, str], ...]  # [{"role": ..., "content": ...}], used as is with the chat template
 
 
 @dataclass(frozen=True)
@@ -14,8 +17,16 @@ class Prompt:
     """One prompt to sample a group for."""
 
     id: str
-    text: str  # user message (wrapped in the chat template when the tokenizer has one)
-    system: str = ""  # optional system message
+    content: Union[str, Messages]  # the user message (wrapped in the chat template), or a whole chat
+    system: str = ""  # optional system message, put first unless the chat has its own
+
+    def messages(self) -> list[dict[str, str]]:
+        """The chat to template: the system message (unless the chat has one), then the prompt."""
+        chat = [{"role": "user", "content": self.content}] if isinstance(self.content, str) else \
+            [dict(m) for m in self.content]
+        if self.system and chat[0]["role"] != "system":
+            chat.insert(0, {"role": "system", "content": self.system})
+        return chat
 
 
 @dataclass(frozen=True)
@@ -53,3 +64,13 @@ class Group:
 class GenerateResult:
     groups: list[Group]
     dropped: list[str] = field(default_factory=list)  # ids of prompts longer than the limit
+
+
+@dataclass
+class ScoreRequest:
+    """One group to score: the G completions of one prompt, its reference answer and context."""
+
+    completions: list[str]  # [G] decoded completions
+    answer: str
+    prompt: Union[str, Messages] = ""  # for reward functions that ask for `prompt`
+    metadata: dict[str, Any] = field(default_factory=dict)  # the data row's other columns

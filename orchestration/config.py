@@ -55,9 +55,30 @@ class TaskConfig:
     test_size: int = 64
     """Held-out problems (disjoint from training problems by construction)."""
     system_prompt: str = ""
-    """System message for chat models; empty for none (the chat template may add its own)."""
+    """System message for chat models, also for file data whose prompt is a string or a chat
+    without a system message; empty for none (the chat template may add its own)."""
     instruction: str = "Answer with just the number."
     """Text appended to every question ("What is 12 + 7? <instruction>")."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Training data: `.jsonl`, `.json` or `.parquet` files, or directories written by HF datasets'
+    `save_to_disk`, loaded with HF `datasets`; or `builtin:humaneval`. Empty: the arithmetic task
+    (`task.*`). See tasks/files.py for the row schema and what bad rows get."""
+    val_files: list[str] = field(default_factory=list)
+    """Held-out data for evaluation (greedy pass@1 and pass@k), same forms. Empty while
+    train_files is set: no held-out evaluation."""
+    prompt_key: str = "prompt"
+    """Column of the prompt: a string, or a list of chat messages `{role, content}` used as is."""
+    answer_key: str = "answer"
+    """Column of the reference answer; a dotted path reaches a nested field (verl's Parquet:
+    `reward_model.ground_truth`). Every other column reaches rewards as `metadata`."""
+    epochs: int = 1
+    """Passes over the training rows; the run ends after `epochs` or `steps`, whichever is first."""
+    shuffle: bool = True
+    """Draw a fresh order of the training rows each epoch from `seed` (False: file order)."""
 
 
 @dataclass
@@ -95,8 +116,11 @@ class RewardConfig:
     num_workers: int = 1
     """Reward actors; groups are spread across them."""
     functions: dict[str, float] = field(default_factory=dict)
-    """Reward function name (or `package.module:function`) → weight; the reward is Σ weight·value.
-    Set by a `reward=` preset (dicts merge in Hydra, so choose a preset rather than adding keys)."""
+    """Reward function → weight; the reward is Σ weight·value. A function is a registry name
+    (actors/rewards) or an import path, `package.module.function` (or `package.module:function`
+    in YAML). Presets set it (`reward=math`); dicts merge in Hydra, so on the command line add
+    with `'+reward.functions={pkg.mod.fn: 1.0}'`, drop with `~reward.functions.NAME`, or start
+    from `reward=custom` (none)."""
     timeout_s: float = 5.0
     """Per-sample deadline; a sample past it is `failed` (kept apart from a reward of 0)."""
 
@@ -216,6 +240,11 @@ class LoggerConfig:
     """Weights & Biases settings."""
     progress: bool = True
     """Show a progress bar with ETA."""
+    samples_every_n_steps: int = 5
+    """Every n steps (and at step 0), log a table of sample completions: prompt, completion,
+    answer, reward and each part, policy version (W&B table `samples` and `samples.jsonl`). 0: never."""
+    samples_prompts: int = 2
+    """Prompts per sample table; each brings all its G completions."""
 
 
 @dataclass
@@ -238,6 +267,9 @@ class EvalConfig:
     """Sampling temperature for pass@k (pass@1 is greedy)."""
     max_new_tokens: Optional[int] = None
     """Completion limit for evaluation (None: rollout.max_new_tokens)."""
+    reward: str = "accuracy"
+    """Reward function that judges held-out replies (`code_tests` for code); a reply is correct
+    when it scores 1. eval/accuracy is its mean over greedy replies."""
 
 
 @dataclass
@@ -257,7 +289,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy (and reference) model."""
     task: TaskConfig = field(default_factory=TaskConfig)
-    """Where prompts and reference answers come from."""
+    """The built-in arithmetic task (used when no data files are given)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The user's own data files (replace the arithmetic task when given)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Generation: engines, group size, sampling."""
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -295,7 +329,7 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Any) -> None:
     """Check a resolved config (dataclass or DictConfig); raise ConfigError on the first problem."""
-    from actors.rewards import is_known
+    from actors.rewards import UnknownRewardError, resolve
     from orchestration.models import check_model_path
 
     r, a, l = cfg.rollout, cfg.algo, cfg.learner
@@ -337,10 +371,20 @@ def validate(cfg: Any) -> None:
            f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens})")
     _check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
     _check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
-    for name in cfg.reward.functions:
-        _check(is_known(name), f"unknown reward function {name!r} in reward.functions")
+    for name in list(cfg.reward.functions) + [cfg.eval.reward]:
+        try:
+            resolve(name)
+        except UnknownRewardError as e:
+            raise ConfigError(f"reward function {name!r}: {e}") from None
     _check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
     _check(cfg.task.name == "arithmetic", f"unknown task {cfg.task.name!r} (known: arithmetic)")
+    d = cfg.data
+    _check(d.epochs >= 1, f"data.epochs must be >= 1, got {d.epochs}")
+    _check(bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key and data.answer_key must not be empty")
+    _check(cfg.stage != "train" or bool(d.train_files) or not d.val_files,
+           "data.val_files is set but data.train_files is not: give training files too (or stage=eval)")
+    _check(cfg.logger.samples_every_n_steps >= 0,
+           f"logger.samples_every_n_steps must be >= 0, got {cfg.logger.samples_every_n_steps}")
     _check(cfg.sync.bucket_mb >= 1, f"sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
     _check(cfg.sync.backend in ("auto", "gloo", "nccl"), f"sync.backend must be auto, gloo or nccl, got {cfg.sync.backend!r}")
     _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"),

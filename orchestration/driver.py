@@ -23,7 +23,7 @@ from orchestration.evaluation import EvalResult, evaluate
 from orchestration.metrics import RunLogger, Timer
 from orchestration.pools import RewardPool, RolloutPool
 from orchestration.weight_sync import WeightSync
-from tasks.arithmetic import ArithmeticTask
+from tasks.base import Problem, Task, prompt_text
 
 log = logging.getLogger("raygrpo")
 
@@ -73,37 +73,35 @@ def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
     return Actors(rollout, rewards, learner, sync)
 
 
-def make_task(cfg: Any) -> ArithmeticTask:
-    t = cfg.task
-    return ArithmeticTask(seed=t.seed, min_operand=t.min_operand, max_operand=t.max_operand,
-                          num_operands=t.num_operands, ops=t.ops, test_size=t.test_size, instruction=t.instruction)
-
-
 def eval_settings(cfg: Any) -> SimpleNamespace:
     e = cfg.eval
     return SimpleNamespace(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, pass_k=e.pass_k,
-                           temperature=e.temperature, reward_timeout_s=cfg.reward.timeout_s)
+                           temperature=e.temperature, reward=e.reward, reward_timeout_s=cfg.reward.timeout_s)
 
 
-def train(cfg: Any, actors: Actors, logger: RunLogger) -> tuple[EvalResult | None, EvalResult | None]:
+def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task) -> tuple[EvalResult | None, EvalResult | None]:
     """Run `cfg.steps` GRPO steps with held-out evaluation; returns (first, last) evaluations."""
-    r = cfg.rollout
-    task = make_task(cfg)
+    r, every = cfg.rollout, cfg.eval.every_n_steps
     test = task.test_set()
+    evaluating = cfg.eval.enabled and bool(test)
     evaluate_now = lambda: evaluate(actors.rollout, test, eval_settings(cfg), cfg.task.system_prompt)  # noqa: E731
-    first = pending = evaluate_now() if cfg.eval.enabled else None  # pending: logged with the next step
+    first = evaluate_now() if evaluating else None
+    pending = {**task.stats(), **(first.metrics if first else {})}  # logged with the next step
     spec = SamplingSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_tokens=r.max_new_tokens, stop=tuple(r.stop))
     for step in range(cfg.steps):
         timer = Timer()
-        if pending is None and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
+        if evaluating and step and every and step % every == 0:
             with timer("eval"):
-                pending = evaluate_now()
+                pending.update(evaluate_now().metrics)
         sampled = sample_groups(cfg, task, step, actors, spec, timer)
+        if cfg.logger.samples_every_n_steps and step % cfg.logger.samples_every_n_steps == 0:
+            logger.log_samples(step, sample_rows(sampled, cfg.logger.samples_prompts))
         if not sampled.groups:  # dynamic sampling found no informative group: nothing to learn from
             log.warning("step %d: no informative group after %d rounds; skipping the update", step,
                         sampled.metrics["sampling/rounds"])
-            logger.log(step, {**sampled.metrics, **timer.breakdown()})
+            logger.log(step, {**pending, **sampled.metrics, **timer.breakdown()})
+            pending = {}
             continue
         with timer("learner"):
             batch, rewards, padded = make_batch(cfg, sampled, actors.learner)
@@ -113,9 +111,9 @@ def train(cfg: Any, actors: Actors, logger: RunLogger) -> tuple[EvalResult | Non
                 actors.sync.connect()
             actors.sync.push(step + 1)
         metrics = step_metrics(sampled, rewards, learner_metrics, timer, padded, actors)
-        logger.log(step, {**metrics, **(pending.metrics if pending else {})})
-        pending = None
-    final = evaluate_now() if cfg.eval.enabled else None
+        logger.log(step, {**metrics, **pending})
+        pending = {}
+    final = evaluate_now() if evaluating else None
     if final:
         logger.log(cfg.steps, final.metrics, advance=False)
     return first, final
@@ -126,25 +124,25 @@ class Sampled:
     """One step's scored groups (informative ones only under dynamic sampling)."""
 
     groups: list[Group]
-    scores: list[list[Score]]
+    scores: list[list[Score]]  # [P][G]
     dropped: list[str]  # prompt ids over the length limit
     metrics: dict[str, float]
+    problems: dict[str, Problem]  # by prompt id: answer and row of each group
 
 
-def sample_groups(cfg: Any, task: ArithmeticTask, step: int, actors: Actors, spec: SamplingSpec,
-                  timer: Timer) -> Sampled:
+def sample_groups(cfg: Any, task: Task, step: int, actors: Actors, spec: SamplingSpec, timer: Timer) -> Sampled:
     """Generate and score the step's groups. With DAPO's dynamic sampling, groups whose rewards are
     all equal are dropped and further prompts drawn, for at most `algo.max_sampling_rounds` rounds."""
     want, dynamic = cfg.rollout.prompts_per_step, cfg.algo.dynamic_sampling
-    out = Sampled([], [], [], {})
+    out = Sampled([], [], [], {}, {})
     generated = rounds = 0
     while len(out.groups) < want and rounds < (cfg.algo.max_sampling_rounds if dynamic else 1):
         problems = task.train_batch(step, want - len(out.groups), rounds)
-        answers = {p.id: p.answer for p in problems}
+        out.problems.update((p.id, p) for p in problems)
         with timer("generate"):
             result = actors.rollout.generate([Prompt(p.id, p.prompt, cfg.task.system_prompt) for p in problems], spec)
         with timer("reward"):
-            scores = actors.rewards.score(result.groups, answers)
+            scores = actors.rewards.score(result.groups, out.problems)
         for group, row in zip(result.groups, scores):
             if not dynamic or len({s.reward for s in row if s.ok}) > 1:
                 out.groups.append(group)
@@ -155,6 +153,20 @@ def sample_groups(cfg: Any, task: ArithmeticTask, step: int, actors: Actors, spe
     out.metrics = {"sampling/rounds": float(rounds), "sampling/generated_groups": float(generated),
                    "sampling/dropped_groups": float(generated - len(out.groups))}
     return out
+
+
+def sample_rows(sampled: Sampled, num_prompts: int) -> list[dict[str, Any]]:
+    """The first `num_prompts` groups of a step, one row per completion, for the samples table."""
+    rows = []
+    for group, scores in list(zip(sampled.groups, sampled.scores))[:num_prompts]:
+        problem = sampled.problems[group.prompt.id]
+        for completion, score in zip(group.completions, scores):
+            rows.append({"prompt_id": group.prompt.id, "source": problem.source, "prompt": prompt_text(problem.prompt),
+                         "completion": completion.text, "answer": problem.answer,
+                         "reward": score.reward if score.ok else None, "status": score.status,
+                         "error": score.error, **score.parts, "finish_reason": completion.finish_reason,
+                         "tokens": len(completion.token_ids), "policy_version": group.version})
+    return rows
 
 
 def make_batch(cfg: Any, sampled: Sampled, learner: LearnerGroup) -> tuple[TrainBatch, torch.Tensor, int]:
@@ -231,7 +243,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
-def run_train(cfg: Any, placement: Placement, model_path: str) -> Path:
+def run_train(cfg: Any, placement: Placement, model_path: str, task: Task) -> Path:
     """Train, save the policy, write curves and the report; returns the run directory."""
     import time
 
@@ -243,7 +255,7 @@ def run_train(cfg: Any, placement: Placement, model_path: str) -> Path:
     logger = RunLogger(cfg.output_dir, config, cfg.logger.wandb, cfg.steps, cfg.logger.progress)
     actors = start_actors(cfg, placement, model_path)
     try:
-        first, final = train(cfg, actors, logger)
+        first, final = train(cfg, actors, logger, task)
         save_outputs(cfg, actors, model_path)
     finally:
         logger.close()
@@ -255,10 +267,10 @@ def run_train(cfg: Any, placement: Placement, model_path: str) -> Path:
     return out
 
 
-def run_eval(cfg: Any, placement: Placement, model_path: str) -> dict[str, float]:
-    """Evaluate `model.path` alone (no learner); prints and logs the metrics."""
+def run_eval(cfg: Any, placement: Placement, model_path: str, task: Task) -> dict[str, float]:
+    """Evaluate `model.path` alone (no learner) on the task's held-out set; prints and logs the metrics."""
     rollout = start_rollout(cfg, placement, model_path)
-    result = evaluate(rollout, make_task(cfg).test_set(), eval_settings(cfg), cfg.task.system_prompt)
+    result = evaluate(rollout, task.test_set(), eval_settings(cfg), cfg.task.system_prompt)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"model": model_path, **result.metrics, "samples": result.samples},

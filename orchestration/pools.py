@@ -17,7 +17,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.rollout import RolloutActor
 from actors.scoring import Score, Scorer
-from actors.types import GenerateResult, Group, Prompt, SamplingSpec
+from actors.types import GenerateResult, Group, Prompt, SamplingSpec, ScoreRequest
+from tasks.base import Problem
 
 log = logging.getLogger("raygrpo")
 
@@ -93,18 +94,18 @@ class RewardPool:
         remote = ray.remote(Scorer)
         self.actors = [remote.options(**opt).remote(dict(functions), timeout_s) for opt in options]
 
-    def score(self, groups: list[Group], answers: dict[str, str]) -> list[list[Score]]:
+    def score(self, groups: list[Group], problems: dict[str, Problem]) -> list[list[Score]]:
         """Scores [P][G] for the groups, spreading whole groups over the reward actors."""
-        items = [[(c.text, answers[g.prompt.id]) for c in g.completions] for g in groups]
+        requests = [score_request(g, problems[g.prompt.id]) for g in groups]
         shards = _chunks(list(range(len(groups))), len(self.actors))
         out: list[list[Score]] = [[] for _ in groups]
         todo = [(a, s) for a, s in zip(self.actors, shards) if s]
         while todo:
-            refs = [(a.score.remote([x for i in s for x in items[i]]), a, s) for a, s in todo]
+            refs = [(a.score.remote([requests[i] for i in s]), a, s) for a, s in todo]
             todo = []
             for ref, actor, shard in refs:
                 try:
-                    flat = ray.get(ref)
+                    rows = ray.get(ref)
                 except RayActorError:
                     log.error("reward actor lost; re-scoring its %d groups on another", len(shard))
                     if actor in self.actors:
@@ -113,6 +114,11 @@ class RewardPool:
                         raise RuntimeError("every reward actor has died") from None
                     todo.append((self.actors[0], shard))
                     continue
-                for i in shard:
-                    out[i], flat = flat[:len(items[i])], flat[len(items[i]):]
+                for i, row in zip(shard, rows):
+                    out[i] = row
         return out
+
+
+def score_request(group: Group, problem: Problem) -> ScoreRequest:
+    """What the reward functions see of one group: completions, reference answer, prompt, row."""
+    return ScoreRequest([c.text for c in group.completions], problem.answer, problem.prompt, problem.metadata)

@@ -27,21 +27,12 @@ A format term is left to the reward config: a small "exactly one number" bonus w
 
 from __future__ import annotations
 
-import hashlib
 import random
-from dataclasses import dataclass
+
+from tasks.base import Problem, stable_seed
 
 _VALID_OPS = "+-*"
 _MAX_DRAWS_PER_PROBLEM = 10_000  # safety net for the rejection samplers
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem: ``prompt`` is the user message, ``answer`` the integer as a string."""
-
-    id: str
-    prompt: str
-    answer: str
 
 
 def evaluate(operands: list[int], ops: list[str]) -> int:
@@ -54,12 +45,6 @@ def evaluate(operands: list[int], ops: list[str]) -> int:
             terms.append(value)
             signs.append(1 if op == "+" else -1)
     return sum(sign * term for sign, term in zip(signs, terms))
-
-
-def _stable_seed(*parts: object) -> int:
-    """An integer seed derived from ``parts`` that is identical across processes."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big")
 
 
 class ArithmeticTask:
@@ -127,7 +112,7 @@ class ArithmeticTask:
         further, different problems for the same step (DAPO's dynamic sampling)."""
         if step < 0 or n < 0 or round < 0:
             raise ValueError(f"step, n and round must be >= 0, got {step=}, {n=}, {round=}")
-        rng = random.Random(_stable_seed("train", self.seed, step, *((round,) if round else ())))
+        rng = random.Random(stable_seed("train", self.seed, step, *((round,) if round else ())))
         prefix = f"train/{step}" + (f".{round}" if round else "")
         batch = []
         for i in range(n):
@@ -140,9 +125,16 @@ class ArithmeticTask:
             batch.append(problem)
         return batch
 
+    def max_steps(self, prompts_per_step: int) -> None:
+        """Endless: every step draws new problems."""
+        return None
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
     def _make_test_set(self) -> list[Problem]:
         """Draw ``test_size`` distinct problems from the test stream."""
-        rng = random.Random(_stable_seed("test", self.seed))
+        rng = random.Random(stable_seed("test", self.seed))
         problems: list[Problem] = []
         seen: set[str] = set()
         for _ in range(self.test_size * _MAX_DRAWS_PER_PROBLEM):

@@ -39,7 +39,7 @@ def make_groups(rewards_per_group: list[list]) -> tuple[list[Group], list[list[S
     for p, row in enumerate(rewards_per_group):
         comps = [Completion(token_ids=[10 * p + g] * (g + 1), logprobs=[-0.1 * (g + 1)] * (g + 1),
                             finish_reason="stop", text=f"c{p}{g}") for g in range(len(row))]
-        groups.append(Group(Prompt(id=f"p{p}", text=f"q{p}"), [100 + p] * (p + 1), comps, version=0))
+        groups.append(Group(Prompt(id=f"p{p}", content=f"q{p}"), [100 + p] * (p + 1), comps, version=0))
         scores.append([failed() if r is None else ok(r) for r in row])
     return groups, scores
 

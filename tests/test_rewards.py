@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from actors.rewards import REWARDS, UnknownRewardError, is_known, resolve
+from actors.rewards import REWARDS, UnknownRewardError, resolve
 from actors.rewards.math import (
     accuracy,
     accuracy_strict,
@@ -103,16 +103,35 @@ def test_single_number(completion, expected):
 
 
 def test_registry_names():
-    assert set(REWARDS) == {"accuracy", "accuracy_strict", "format", "single_number", "digits"}
+    assert set(REWARDS) == {"accuracy", "accuracy_strict", "format", "single_number", "digits", "code_tests"}
     assert resolve("format") is format_reward
-    assert is_known("accuracy")
 
 
 def test_resolve_import_path():
     fn = resolve("tests.reward_fixtures:broken")
     assert fn("fine", "1") == 0.5
-    assert is_known("tests.reward_fixtures:sleepy")
+    assert callable(resolve("tests.reward_fixtures:sleepy"))
     assert resolve("actors.rewards.math:accuracy") is accuracy
+
+
+def test_resolve_dotted_path():
+    """The dotted form, which a Hydra override can carry, names the same functions."""
+    assert resolve("actors.rewards.math.accuracy") is accuracy
+    assert resolve("tests.reward_fixtures.broken") is resolve("tests.reward_fixtures:broken")
+    with pytest.raises(UnknownRewardError, match="cannot load reward 'no_such_pkg_xyz.mod.fn': ModuleNotFoundError"):
+        resolve("no_such_pkg_xyz.mod.fn")
+
+
+def test_context_kwargs_and_batched_marker():
+    from actors.rewards import batched, context_kwargs, is_batched
+    from tests import reward_fixtures as fx
+
+    assert context_kwargs(accuracy) == ()
+    assert context_kwargs(fx.with_prompt) == ("prompt",)
+    assert context_kwargs(fx.with_metadata) == ("metadata",)
+    assert context_kwargs(fx.with_kwargs) == ("prompt", "metadata")
+    assert is_batched(fx.rank_by_length) and not is_batched(accuracy)
+    assert batched(lambda cs, a: [0.0] * len(cs)).batched
 
 
 @pytest.mark.parametrize(
@@ -123,7 +142,6 @@ def test_resolve_unknown(name):
         resolve(name)
     assert "accuracy_strict" in str(info.value)  # the message lists the known names
     assert isinstance(info.value, KeyError) and isinstance(info.value, UnknownRewardError)
-    assert not is_known(name)
 
 
 def test_digits_reward_is_the_digit_fraction():

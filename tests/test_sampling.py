@@ -100,3 +100,15 @@ def test_kl_in_loss_does_not_query_the_reference_for_rewards():
     ref = Reference()
     make_batch(cfg, sample(cfg), ref)
     assert ref.calls == 0
+
+
+def test_sample_rows_carry_prompt_answer_parts_and_version():
+    from orchestration.driver import sample_rows
+
+    out = sample(cfg_with())
+    rows = sample_rows(out, 2)
+    assert len(rows) == 2 * 4  # 2 prompts × G completions
+    problem = out.problems[rows[0]["prompt_id"]]
+    assert rows[0]["prompt"] == problem.prompt and rows[0]["answer"] == problem.answer
+    assert [r["reward"] for r in rows[4:]] == [0.0, 1.0, 2.0, 3.0]  # the informative second prompt
+    assert {r["policy_version"] for r in rows} == {0} and rows[0]["status"] == "ok"

@@ -1,18 +1,29 @@
 """Reward functions and their registry.
 
-A reward function has the signature ``fn(completion: str, answer: str) -> float``.
-Built-in rewards are looked up by name in :data:`REWARDS`; user-defined ones
-are given as an import path ``"package.module:function"``.
+A reward function has the signature ``fn(completion: str, answer: str) -> float`` and may also
+take the keyword arguments ``prompt`` (the prompt: a string, or chat messages) and ``metadata``
+(the data row's other columns): they are passed only to functions whose signature names them
+(or takes ``**kwargs``).
+
+A function marked with :func:`batched` scores a whole group at once — the shape a reward model
+or an LLM judge needs: ``fn(completions: list[str], answer: str, ...) -> list[float]``.
+
+Built-in rewards are looked up by name in :data:`REWARDS`; user-defined ones by import path,
+either dotted ``package.module.function`` (it can be typed in a Hydra override) or
+``package.module:function``.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
+from actors.rewards.code import code_tests
 from actors.rewards.math import accuracy, accuracy_strict, digits, format_reward, single_number
 
-RewardFn = Callable[[str, str], float]
+RewardFn = Callable[..., float]
+CONTEXT = ("prompt", "metadata")  # keyword arguments a reward function may ask for
 
 REWARDS: dict[str, RewardFn] = {
     "accuracy": accuracy,
@@ -20,7 +31,29 @@ REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
     "single_number": single_number,
     "digits": digits,
+    "code_tests": code_tests,
 }
+
+
+def batched(fn: Callable) -> Callable:
+    """Mark `fn` as a group reward: `fn(completions, answer, [prompt], [metadata]) -> list[float]`."""
+    fn.batched = True
+    return fn
+
+
+def is_batched(fn: Callable) -> bool:
+    return bool(getattr(fn, "batched", False))
+
+
+def context_kwargs(fn: Callable) -> tuple[str, ...]:
+    """Which of `prompt` / `metadata` the function takes (both with `**kwargs`)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the plain form
+        return ()
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return CONTEXT
+    return tuple(k for k in CONTEXT if k in params)
 
 
 class UnknownRewardError(ValueError, KeyError):
@@ -34,7 +67,7 @@ class UnknownRewardError(ValueError, KeyError):
 
 
 def resolve(name: str) -> RewardFn:
-    """The reward function for a registry name or a ``"module:function"`` path.
+    """The reward function for a registry name or an import path (``pkg.mod.fn`` or ``pkg.mod:fn``).
 
     Raises:
         UnknownRewardError: the name is unknown, the module does not import,
@@ -43,12 +76,12 @@ def resolve(name: str) -> RewardFn:
     if name in REWARDS:
         return REWARDS[name]
     known = ", ".join(sorted(REWARDS))
-    if ":" not in name:
+    if ":" not in name and "." not in name:
         raise UnknownRewardError(
             f"unknown reward {name!r}; known rewards: {known} "
-            "(or give an import path 'package.module:function')"
+            "(or give an import path package.module.function)"
         )
-    module_name, _, attr = name.partition(":")
+    module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except Exception as e:  # ImportError, AttributeError, or the module's own error
@@ -60,13 +93,4 @@ def resolve(name: str) -> RewardFn:
     return fn
 
 
-def is_known(name: str) -> bool:
-    """True for a registry name or an import path that resolves to a callable."""
-    try:
-        resolve(name)
-    except UnknownRewardError:
-        return False
-    return True
-
-
-__all__ = ["REWARDS", "RewardFn", "UnknownRewardError", "is_known", "resolve"]
+__all__ = ["REWARDS", "RewardFn", "UnknownRewardError", "batched", "context_kwargs", "is_batched", "resolve"]

@@ -1,0 +1,56 @@
+"""The task interface: where a run's prompts and reference answers come from.
+
+A task hands the driver training problems by step and a fixed held-out set. Two tasks exist:
+`tasks.arithmetic.ArithmeticTask` (a seeded generator, the default) and `tasks.files.FileTask`
+(the user's JSONL / JSON / Parquet / `save_to_disk` files). Both are deterministic functions of
+their seed and the step, so a run can be repeated (and later resumed) batch for batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Union
+
+Messages = tuple[dict[str, str], ...]  # chat messages [{"role": ..., "content": ...}], used as is
+PromptContent = Union[str, Messages]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: what the policy is asked, the reference answer, and the row's context."""
+
+    id: str  # unique within one step's batch and within the held-out set
+    prompt: PromptContent  # the user message, or a whole chat
+    answer: str  # reference answer (as a string) for the reward functions
+    metadata: dict[str, Any] = field(default_factory=dict)  # the row's other columns
+    source: str = ""  # where it came from, e.g. "train.jsonl:12" (for sample tables)
+
+
+class Task(Protocol):
+    def train_batch(self, step: int, n: int, round: int = 0) -> list[Problem]:
+        """`n` training problems for `step`; `round` > 0 draws further, different problems for the
+        same step (dynamic sampling). Same arguments, same problems."""
+
+    def test_set(self) -> list[Problem]:
+        """The held-out problems (empty when the task has none)."""
+
+    def max_steps(self, prompts_per_step: int) -> int | None:
+        """Steps until the data is used up (e.g. `data.epochs`), or None for an endless task."""
+
+    def stats(self) -> dict[str, float]:
+        """Figures about the data, logged with the first step (`data/...`)."""
+
+
+def stable_seed(*parts: object) -> int:
+    """An integer seed derived from `parts`, identical across processes (unlike `hash`)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def prompt_text(prompt: PromptContent) -> str:
+    """A one-string view of a prompt for tables and reports: the text, or the last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else prompt[-1]["content"]

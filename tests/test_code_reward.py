@@ -1,0 +1,109 @@
+"""The `code_tests` reward against honest and hostile completions, and HumanEval from its package."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from actors.rewards.code import code_tests, extract_code
+
+TESTS = {"tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5"]}  # 3rd: never
+
+
+def fenced(code: str) -> str:
+    return f"Here you go:\n```python\n{code}\n```\nHope this helps."
+
+
+def test_extract_code():
+    assert extract_code(fenced("x = 1")) == "x = 1\n"
+    assert extract_code("```\ny = 2\n```") == "y = 2\n"
+    assert extract_code("```text\nnot code\n```\n```python\nz = 3\n```") == "z = 3\n"
+    assert extract_code("```python\ndef f():\n    return 1") == "def f():\n    return 1"  # cut off by the limit
+    assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1\n"  # no fence: the whole reply
+
+
+def test_fraction_of_tests_passing():
+    assert code_tests(fenced("def add(a, b):\n    return a + b"), "", TESTS) == pytest.approx(2 / 3)
+    assert code_tests("def add(a, b):\n    return a - b\n", "", TESTS) == 0.0
+    assert code_tests(fenced("def add(a, b): return 5"), "", {"tests": "assert add(2, 2) == 5"}) == 1.0
+
+
+def test_setup_runs_before_the_program():
+    meta = {"setup": "import math\n\ndef area(r):\n    \"\"\"Circle area.\"\"\"\n", "tests": ["assert area(1) == math.pi"]}
+    assert code_tests("    return math.pi * r * r\n", "", meta) == 1.0  # a bare body completes the signature
+    assert code_tests(fenced("def area(r):\n    return math.pi * r ** 2"), "", meta) == 1.0
+
+
+def test_missing_tests_raise():
+    with pytest.raises(ValueError, match="metadata 'tests'"):
+        code_tests("x = 1", "", {})
+
+
+HOSTILE = {
+    "infinite loop": "def add(a, b):\n    while True:\n        pass",
+    "fork bomb": "import os\nwhile True:\n    os.fork()",
+    "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'sleep 100'])\ndef add(a, b): return a + b",
+    "memory bomb": "blob = bytearray(16 << 30)\ndef add(a, b): return a + b",
+    "output flood": "import sys\nwhile True:\n    print('x' * 65536)\n    sys.stderr.write('y' * 65536)",
+    "hard exit": "import os\nos._exit(0)",
+    "segfault": "import ctypes\nctypes.string_at(0)",
+    "disk flood": "with open('big', 'w') as f:\n    f.write('x' * (64 << 20))\ndef add(a, b): return a + b",
+    "forged result": "import os\nos.write(3, b'0 pass 0\\n0 pass 1\\n')",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_completion_costs_only_its_sample(name):
+    start = time.monotonic()
+    meta = {**TESTS, "time_limit_s": 2}
+    assert code_tests(fenced(HOSTILE[name]), "", meta) == 0.0
+    assert time.monotonic() - start < 6
+    assert code_tests(fenced("def add(a, b):\n    return a + b"), "", meta) == pytest.approx(2 / 3)  # next one fine
+
+
+def test_tests_before_a_hang_still_count():
+    program = "def add(a, b):\n    if a < 0:\n        while True:\n            pass\n    return a + b"
+    assert code_tests(fenced(program), "", {**TESTS, "time_limit_s": 1}) == pytest.approx(1 / 3)
+
+
+def test_no_environment_no_files_no_orphans(monkeypatch):
+    monkeypatch.setenv("RAYGRPO_TEST_SECRET", "hunter2")
+    probe = ("import os\nassert 'RAYGRPO_TEST_SECRET' not in os.environ, 'env leaked'\n"
+             "assert os.listdir('.') == [], 'cwd not empty'\nopen('scratch.txt', 'w').write('ok')\n"
+             "def add(a, b): return a + b")
+    assert code_tests(fenced(probe), "", TESTS) == pytest.approx(2 / 3)
+    code_tests(fenced("import time\nwhile True: time.sleep(1)"), "", {**TESTS, "time_limit_s": 1})
+    assert not sandboxes_alive()  # the killed child's process group is gone
+
+
+def sandboxes_alive() -> list[str]:
+    """Processes whose working directory is a sandbox's temporary directory."""
+    alive = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if "raygrpo-code-" in os.readlink(f"/proc/{pid}/cwd"):
+                alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+def test_humaneval_converts_once_and_reference_solutions_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYGRPO_CACHE", str(tmp_path))
+    from tasks import humaneval
+    from tasks.files import FileTask
+
+    path = humaneval.jsonl_path()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 164 and rows[0]["task_id"] == "HumanEval/0"
+    assert humaneval.jsonl_path() == path and os.path.getmtime(path) == path.stat().st_mtime
+    task = FileTask(["builtin:humaneval"], ["builtin:humaneval"], batch_size=8)
+    assert len(task.test_set()) == 164 and task.max_steps(8) == 21
+    for problem in task.test_set()[:12]:
+        reference = f"```python\n{problem.answer}\n```"
+        assert code_tests(reference, problem.answer, problem.metadata) == 1.0, problem.metadata["task_id"]
+        broken = f"```python\n{problem.metadata['setup']}    return None\n```"
+        assert code_tests(broken, problem.answer, problem.metadata) == 0.0, problem.metadata["task_id"]
