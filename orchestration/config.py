@@ -377,6 +377,12 @@ def validate(cfg: Any) -> None:
         except UnknownRewardError as e:
             raise ConfigError(f"reward function {name!r}: {e}") from None
     _check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+    if "code_tests" in list(cfg.reward.functions) + [cfg.eval.reward]:
+        from actors.rewards.code import TIME_LIMIT_S
+
+        _check(cfg.reward.timeout_s >= TIME_LIMIT_S + 2,
+               f"reward.timeout_s ({cfg.reward.timeout_s:g}) must leave code_tests' {TIME_LIMIT_S:g} s limit room "
+               f"(>= {TIME_LIMIT_S + 2:g}; reward=code sets 15)")
     _check(cfg.task.name == "arithmetic", f"unknown task {cfg.task.name!r} (known: arithmetic)")
     d = cfg.data
     _check(d.epochs >= 1, f"data.epochs must be >= 1, got {d.epochs}")

@@ -27,8 +27,8 @@ def importable_from_launch_dir() -> None:
     in the reward processes and in every local Ray worker."""
     cwd = os.getcwd()
     if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
+        sys.path.append(cwd)  # last: a user's `tasks.py` must not shadow our packages
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), cwd) if p)
 
 
 def run(cfg: DictConfig) -> None:

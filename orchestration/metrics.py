@@ -7,6 +7,7 @@ metrics are logged; nothing from the environment (API keys stay out of every log
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -76,7 +77,8 @@ class RunLogger:
         if self.samples is None:
             self.samples = open(self.dir / "samples.jsonl", "w", buffering=1)
         for row in rows:
-            self.samples.write(json.dumps({"step": step, **row}, default=str) + "\n")
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            self.samples.write(json.dumps({"step": step, **clean}, default=str) + "\n")
         if self.wandb is not None:
             import wandb
 

@@ -11,11 +11,13 @@ not parse — are skipped and counted (`stats()["data/skipped_rows"]`), with the
 the log. A file that does not exist, cannot be read, or holds no valid row raises `DataError`
 (one line naming the file) before any actor starts.
 
-Order: the training rows are one stream of epochs, each a fresh permutation drawn from `seed`
+Metadata holds the row's other columns as `datasets` reads them (a column missing from a JSON row
+is None there). Order: the training rows are one stream of epochs, each a fresh permutation drawn from `seed`
 (or file order with `shuffle=False`); step s takes positions [s·P, (s+1)·P) of that stream, so
 the batches are a pure function of (seed, step) and a run can be repeated or resumed exactly.
 A batch may run across an epoch boundary; `max_steps` is ceil(epochs · rows / P). Extra rounds
-of dynamic sampling draw their prompts from a separate seeded stream, leaving the main order as is.
+of dynamic sampling draw distinct rows outside the step's batch from a separate seeded stream,
+leaving the main order as is.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def parse_answer(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("missing answer" if value is None else
                          f"answer is a {type(value).__name__}, not a string or a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"answer is {value}")
     text = str(value)
     if not text.strip():
         raise ValueError("empty answer")
@@ -110,7 +114,7 @@ def to_problem(row: Any, prompt_key: str, answer_key: str, source: str) -> Probl
     return Problem(id=source, prompt=prompt, answer=answer, metadata=metadata, source=source)
 
 
-def read_rows(path: Path, split: str) -> tuple[Iterable[tuple[str, Any]], list[str]]:
+def read_rows(path: Path, split: str, answer_key: str) -> tuple[Iterable[tuple[str, Any]], list[str]]:
     """(row label, row) pairs of one file, and the lines that did not parse (JSON only)."""
     import datasets
 
@@ -120,7 +124,7 @@ def read_rows(path: Path, split: str) -> tuple[Iterable[tuple[str, Any]], list[s
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             data = _pick_split(data, split, path)
-        return _labelled(data), []
+        return _labelled(data.with_format(None)), []  # python values, whatever format it was saved with
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"unsupported data file {path} (use .jsonl, .json, .parquet or a save_to_disk directory)")
@@ -128,11 +132,18 @@ def read_rows(path: Path, split: str) -> tuple[Iterable[tuple[str, Any]], list[s
 
     try:
         data = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"))
-        return _labelled(data), []
     except Exception:
         if kind != "json":
             raise
-    return _json_lines(path)  # a line that does not parse, or columns of mixed types: row by row
+        return _json_lines(path)  # a line that does not parse, or columns of mixed types: row by row
+    if kind == "json" and _float_column(data, answer_key):
+        return _json_lines(path)  # Arrow turned ints into floats (3 → 3.0): read the values as written
+    return _labelled(data), []
+
+
+def _float_column(data, key: str) -> bool:
+    feature = data.features.get(key)
+    return getattr(feature, "dtype", "").startswith("float")
 
 
 def _labelled(data) -> Iterable[tuple[str, Any]]:
@@ -141,11 +152,10 @@ def _labelled(data) -> Iterable[tuple[str, Any]]:
 
 def _pick_split(data, split: str, path: Path):
     names = {"train": ("train",), "val": ("validation", "test", "val")}[split]
-    if len(data) == 1:
-        return next(iter(data.values()))
-    for name in names:
-        if name in data:
-            return data[name]
+    chosen = next((n for n in names if n in data), next(iter(data)) if len(data) == 1 else None)
+    if chosen is not None:
+        log.info("%s: using split %r", path, chosen)
+        return data[chosen]
     raise DataError(f"{path} holds splits {sorted(data)}; none is named {' or '.join(names)}")
 
 
@@ -168,7 +178,7 @@ def load_file(path_or_builtin: str, prompt_key: str, answer_key: str, split: str
     if not path.exists():
         raise DataError(f"data file not found: {path_or_builtin}")
     try:
-        rows, skipped = read_rows(path, split)
+        rows, skipped = read_rows(path, split, answer_key)
         problems = []
         for label, row in rows:
             try:
@@ -222,9 +232,12 @@ class FileTask:
         if round == 0:
             start = step * self.batch_size
             rows = [self._row_at(start + i) for i in range(n)]
-        else:
+        else:  # distinct rows, outside the step's main batch while there are enough
             rng = random.Random(stable_seed("extra", self.seed, step, round))
-            rows = [rng.randrange(len(self.train)) for _ in range(n)]
+            main = {self._row_at(step * self.batch_size + i) for i in range(self.batch_size)}
+            pool = [i for i in range(len(self.train)) if i not in main] or list(range(len(self.train)))
+            rows = rng.sample(pool, min(n, len(pool)))
+            rows += [rng.choice(pool) for _ in range(n - len(rows))]
         prefix = f"train/{step}" + (f".{round}" if round else "")
         return [replace(self.train[r], id=f"{prefix}/{i}") for i, r in enumerate(rows)]
 

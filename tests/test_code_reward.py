@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from actors.rewards.code import code_tests, extract_code
+from actors.rewards.code import _isolation, code_tests, extract_code
 
 TESTS = {"tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5"]}  # 3rd: never
 
@@ -62,6 +62,29 @@ def test_hostile_completion_costs_only_its_sample(name):
     assert code_tests(fenced(HOSTILE[name]), "", meta) == 0.0
     assert time.monotonic() - start < 6
     assert code_tests(fenced("def add(a, b):\n    return a + b"), "", meta) == pytest.approx(2 / 3)  # next one fine
+
+
+def test_overriding_builtins_does_not_pass_the_tests():
+    forged = "import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.AssertionError = None\ndef add(a, b): return 7"
+    assert code_tests(fenced(forged), "", TESTS) == 0.0
+
+
+def test_tests_as_a_json_string_and_numpy_programs():
+    meta = {"tests": json.dumps(["assert add(1, 2) == 3", "assert add(2, 2) == 5"])}
+    assert code_tests(fenced("def add(a, b): return a + b"), "", meta) == 0.5  # decoded, not one list literal
+    numpy_add = "import numpy as np\ndef add(a, b):\n    return int(np.add(a, b))"
+    assert code_tests(fenced(numpy_add), "", TESTS) == pytest.approx(2 / 3)
+
+
+@pytest.mark.skipif(not _isolation(), reason="no PID namespace on this machine (unshare refused)")
+def test_signals_and_orphans_stay_inside_the_namespace():
+    """Killing the parent (or everything) hits only the sample's own namespace; a detached child dies
+    with it."""
+    for program in ("import posix, signal\nposix.kill(posix.getppid(), signal.SIGKILL)",
+                    "import posix, signal\nposix.kill(-1, signal.SIGKILL)",
+                    "import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n    time.sleep(60)"):
+        assert code_tests(fenced(program), "", {**TESTS, "time_limit_s": 1}) == 0.0
+    assert not sandboxes_alive()
 
 
 def test_tests_before_a_hang_still_count():

@@ -134,6 +134,7 @@ BAD = [
     (["+reward.functions.no_such_reward=1.0"], r"reward function 'no_such_reward': unknown reward"),
     (["eval.reward=no_such_reward"], r"reward function 'no_such_reward': unknown reward"),
     (["data.epochs=0"], r"data\.epochs"),
+    (["eval.reward=code_tests"], r"reward\.timeout_s \(5\) must leave code_tests' 5 s limit room"),
     (["data.val_files=[v.jsonl]"], r"data\.val_files is set but data\.train_files is not"),
     (["logger.samples_every_n_steps=-1"], r"logger\.samples_every_n_steps"),
     (["algo.clip_low=0"], r"algo\.clip_low"),

@@ -60,6 +60,13 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path, caplog):
     assert "mixed.jsonl: skipped 7 bad rows (line 2: not valid JSON" in caplog.text
 
 
+def test_numbers_are_read_as_written(tmp_path):
+    """Arrow would turn a column of 3 and 2.5 into floats (3.0); answers keep their written form."""
+    path = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a", "answer": 3}, {"prompt": "b", "answer": 2.5},
+                                              {"prompt": "c", "answer": 12345678901234567}])
+    assert [p.answer for p in load_file(str(path), "prompt", "answer").problems] == ["3", "2.5", "12345678901234567"]
+
+
 def test_json_array_file(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(GOOD[:1] + [{"prompt": "q", "answer": "a"}]))
@@ -89,6 +96,15 @@ def test_parquet_in_verl_schema(tmp_path):
 
 def test_save_to_disk_directory_and_splits(tmp_path):
     import datasets
+
+    numpy_formatted = datasets.Dataset.from_list([{"prompt": "q", "answer": 7}, {"prompt": "r", "answer": 8}])
+    numpy_formatted.with_format("numpy").save_to_disk(str(tmp_path / "numpy"))
+    assert [p.answer for p in load_file(str(tmp_path / "numpy"), "prompt", "answer").problems] == ["7", "8"]
+    with_nan = tmp_path / "nan.parquet"
+    datasets.Dataset.from_list([{"prompt": "q", "answer": float("nan")}, {"prompt": "r", "answer": 1.5}]).to_parquet(
+        str(with_nan))
+    loaded = load_file(str(with_nan), "prompt", "answer")
+    assert [p.answer for p in loaded.problems] == ["1.5"] and loaded.skipped == ["row 1: answer is nan"]
 
     rows = [{"prompt": f"q{i}", "answer": str(i)} for i in range(4)]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "plain"))
@@ -135,7 +151,9 @@ def test_batches_are_deterministic_per_seed(tmp_path):
     assert batches(a) == batches(b) and batches(a) != batches(c)
     assert a.train_batch(3, 4) == FileTask([path], [], seed=1, batch_size=4).train_batch(3, 4)  # no hidden state
     assert a.train_batch(2, 4, round=1) == b.train_batch(2, 4, round=1) != a.train_batch(2, 4, round=2)
-    ids = [p.id for p in a.train_batch(2, 4) + a.train_batch(2, 4, round=1)]
+    main, extra = a.train_batch(2, 4), a.train_batch(2, 4, round=1)
+    assert len({p.answer for p in extra}) == 4 and not {p.answer for p in main} & {p.answer for p in extra}
+    ids = [p.id for p in main + extra]
     assert len(set(ids)) == 8 and ids[0] == "train/2/0" and ids[4] == "train/2.1/0"
 
 

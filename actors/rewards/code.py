@@ -1,29 +1,36 @@
 """`code_tests`: run the program in a completion against the row's tests; the fraction that pass.
 
-The row's metadata gives `tests` (a string of Python code, or a list of them: each is one test,
-run after the program in a fresh copy of its namespace; it passes when it raises nothing) and,
-optionally, `setup` (code run before the program: imports, a signature to complete),
-`time_limit_s` and `memory_mb`.
+The row's metadata gives `tests` (a string of Python code, or a list of them — also as a JSON
+string: each is one test, run after the program in a fresh copy of its namespace; it passes when
+it raises nothing) and, optionally, `setup` (code run before the program: imports, a signature
+to complete), `time_limit_s` and `memory_mb` (keep `time_limit_s` below `reward.timeout_s`).
 
 Each sample runs in a fresh `python -I` child process:
-- in an empty temporary working directory, removed afterwards;
-- with no inherited environment variables (only PATH, HOME/TMPDIR = that directory, LANG);
+- in its own PID and network namespace where the kernel allows it (`unshare`; tried once, with a
+  warning where it is refused): nothing it starts outlives it, it cannot signal processes outside
+  or open a connection;
+- in an empty temporary working directory, removed afterwards, with no inherited environment
+  variables (only PATH, HOME/TMPDIR = that directory, LANG);
 - under `resource.setrlimit` limits: CPU seconds, address space (`memory_mb`), file size
-  (1 MiB), no new processes where the kernel enforces it (RLIMIT_NPROC; root is exempt), no core
-  files; and a wall-clock limit, after which its whole process group is killed;
+  (1 MiB), 512 processes per user (root is exempt), no core files; and a wall-clock limit, after
+  which its whole process group is killed;
 - with stdin/stdout/stderr on /dev/null (output flooding costs nothing but time), `os.fork`,
-  `os.system`, `subprocess` and kin disabled (as OpenAI's HumanEval harness does), and killed
-  with its parent (PR_SET_PDEATHSIG).
+  `os.system`, `subprocess` and kin set to None (as OpenAI's HumanEval harness does), builtins
+  restored before each test, and killed with its parent (PR_SET_PDEATHSIG).
 Results come back, test by test, on a private pipe: tests that passed before a hang or a crash
-still count. A crash, a timeout, an infinite loop, a fork bomb or a memory bomb costs that sample
-only. This is a guard against accidents and a small model's mischief, not a security boundary
-against code written to escape: run untrusted code at scale in containers (nsjail, gVisor).
+still count. A crash, a timeout, an infinite loop, a fork or memory bomb costs that sample only.
+This is a guard against accidents and a policy's cruder exploits, not a security boundary: code
+in the same interpreter as the harness can still reach it (frame inspection, the `posix` module,
+objects whose `__eq__` is always true). Run untrusted code at scale in containers (nsjail, gVisor).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
+import math
 import os
 import re
 import secrets
@@ -39,39 +46,51 @@ TIME_LIMIT_S = 5.0  # wall clock per sample (CPU limit the same), unless metadat
 MEMORY_MB = 1024
 MAX_FILE_BYTES = 1 << 20
 MAX_RESULT_BYTES = 1 << 16
+MAX_PROCESSES = 512  # RLIMIT_NPROC counts the user's processes and threads; root is exempt
+
+log = logging.getLogger("raygrpo")
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
-# Runs in the child. Everything it needs stays in the function's locals; the program and tests
-# run in a namespace of their own.
+# Runs in the child: limits first, then the program and each test in namespaces of their own.
+# What the harness needs is bound before the program runs, and builtins are restored per test.
 _RUNNER = r"""
 def _run():
-    import json, os, sys
+    import builtins, ctypes, json, os, resource, signal, sys
     spec = json.loads(sys.stdin.read())
-    out, nonce = os.fdopen(spec["fd"], "w", buffering=1), spec["nonce"]
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+    for name, value in spec["limits"].items():
+        limit = getattr(resource, name)
+        hard = resource.getrlimit(limit)[1]
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(limit, (value, value))
+    write, run, tests = os.fdopen(spec.pop("fd"), "w", buffering=1).write, exec, spec.pop("tests")
+    nonce, program = spec.pop("nonce"), compile(spec.pop("program"), "<completion>", "exec", dont_inherit=True)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    import builtins, shutil, subprocess
+    import shutil, subprocess
     for name in ("fork", "forkpty", "system", "popen", "kill", "killpg", "execv", "execve", "execvp",
-                 "execvpe", "spawnv", "spawnve", "spawnvp", "posix_spawn", "posix_spawnp", "putenv",
-                 "setuid", "removedirs", "rmdir", "chdir"):
+                 "execvpe", "spawnv", "spawnve", "spawnvp", "posix_spawn", "posix_spawnp", "setuid",
+                 "removedirs", "rmdir", "chdir"):
         setattr(os, name, None)
     subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
     shutil.rmtree = shutil.move = None
     builtins.exit = builtins.quit = None
+    saved = dict(vars(builtins))
+    compiled = [compile(t, "<test %d>" % i, "exec", dont_inherit=True) for i, t in enumerate(tests)]
     ns = {"__name__": "__main__"}
     try:
-        exec(compile(spec["program"], "<completion>", "exec"), ns)
-    except BaseException as e:
-        out.write(nonce + " error " + type(e).__name__ + "\n")
+        run(program, ns)
+    except BaseException:
         return
-    for i, test in enumerate(spec["tests"]):
+    for i, test in enumerate(compiled):
+        vars(builtins).update(saved)
         try:
-            exec(compile(test, "<test %d>" % i, "exec"), dict(ns))
-            out.write(nonce + " pass %d\n" % i)
+            run(test, dict(ns))
         except BaseException:
-            out.write(nonce + " fail %d\n" % i)
+            continue
+        write("%s pass %d\n" % (nonce, i))
 _run()
 """
 
@@ -86,19 +105,19 @@ def extract_code(completion: str) -> str:
     return completion if not blocks else blocks[0][1]
 
 
-def _limits(cpu_s: int, memory_mb: int):
-    def apply() -> None:  # runs in the child between fork and exec
-        import ctypes
-        import resource
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-    return apply
+@functools.lru_cache(maxsize=1)
+def _isolation() -> tuple[str, ...]:
+    """The `unshare` prefix for a PID and network namespace per sample, or () where refused."""
+    prefix = ["unshare", "--pid", "--fork", "--kill-child", "--net"]
+    if os.geteuid() != 0:
+        prefix[1:1] = ["--user", "--map-root-user"]
+    try:
+        ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        log.warning("code_tests: no PID/network namespace here (unshare refused); samples run without one")
+    return tuple(prefix) if ok else ()
 
 
 def run_tests(program: str, tests: list[str], time_limit_s: float = TIME_LIMIT_S,
@@ -106,27 +125,31 @@ def run_tests(program: str, tests: list[str], time_limit_s: float = TIME_LIMIT_S
     """Whether each test passed after running `program` in a limited child process (a test that
     was not reached, because the program failed, hung or crashed, did not pass)."""
     nonce = secrets.token_hex(16)
+    cpu_s = max(1, math.ceil(time_limit_s))
+    limits = {"RLIMIT_CPU": cpu_s, "RLIMIT_AS": memory_mb << 20, "RLIMIT_FSIZE": MAX_FILE_BYTES,
+              "RLIMIT_NPROC": MAX_PROCESSES, "RLIMIT_CORE": 0}
     read_fd, write_fd = os.pipe()
-    with tempfile.TemporaryDirectory(prefix="raygrpo-code-") as cwd:
-        env = {"PATH": os.defpath, "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _RUNNER], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, cwd=cwd, env=env, pass_fds=(write_fd,), start_new_session=True,
-                preexec_fn=_limits(max(1, int(time_limit_s + 0.999)), memory_mb))
-        finally:
-            os.close(write_fd)
-        try:
-            spec = {"fd": write_fd, "nonce": nonce, "program": program, "tests": tests}
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(json.dumps(spec).encode())
-                proc.stdin.close()
-            report = _read_until(read_fd, time.monotonic() + time_limit_s)
-        finally:
-            os.close(read_fd)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it managed to start
-            proc.wait()
+    try:
+        with tempfile.TemporaryDirectory(prefix="raygrpo-code-") as cwd:
+            env = {"PATH": os.defpath, "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
+            try:
+                proc = subprocess.Popen([*_isolation(), sys.executable, "-I", "-c", _RUNNER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd, env=env,
+                                        pass_fds=(write_fd,), start_new_session=True)
+            finally:
+                os.close(write_fd)
+            try:
+                spec = {"fd": write_fd, "nonce": nonce, "program": program, "tests": tests, "limits": limits}
+                with contextlib.suppress(BrokenPipeError):
+                    proc.stdin.write(json.dumps(spec).encode())
+                    proc.stdin.close()
+                report = _read_until(read_fd, time.monotonic() + time_limit_s)
+            finally:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it managed to start
+                proc.wait()
+    finally:
+        os.close(read_fd)
     passed = {int(n) for n in re.findall(rf"^{nonce} pass (\d+)$", report, re.MULTILINE)}
     return [i in passed for i in range(len(tests))]
 
@@ -145,16 +168,24 @@ def _read_until(fd: int, deadline: float) -> str:
     return data.decode(errors="replace")
 
 
-def code_tests(completion: str, answer: str, metadata: dict[str, Any]) -> float:
-    """Fraction of the row's `tests` that pass against the completion's program (see module)."""
-    tests = metadata.get("tests")
+def parse_tests(tests: Any) -> list[str]:
+    """A row's `tests` as a list of code strings (a JSON-encoded list is decoded); raises ValueError."""
+    if isinstance(tests, str) and tests.lstrip().startswith("["):
+        with contextlib.suppress(json.JSONDecodeError):
+            tests = json.loads(tests)
     if isinstance(tests, str):
         tests = [tests]
-    if not tests or not all(isinstance(t, str) for t in tests):
+    if not tests or not isinstance(tests, (list, tuple)) or not all(isinstance(t, str) for t in tests):
         raise ValueError("code_tests needs metadata 'tests': a string or a list of strings of Python code")
+    return list(tests)
+
+
+def code_tests(completion: str, answer: str, metadata: dict[str, Any]) -> float:
+    """Fraction of the row's `tests` that pass against the completion's program (see module)."""
+    tests = parse_tests(metadata.get("tests"))
     program = extract_code(completion)
     if metadata.get("setup"):
         program = f"{metadata['setup']}\n{program}"
-    results = run_tests(program, list(tests), float(metadata.get("time_limit_s") or TIME_LIMIT_S),
+    results = run_tests(program, tests, float(metadata.get("time_limit_s") or TIME_LIMIT_S),
                         int(metadata.get("memory_mb") or MEMORY_MB))
     return sum(results) / len(results)
