@@ -82,7 +82,7 @@ class RolloutActor:
         """Every engine worker joins the broadcast group; returns their ranks."""
         return self.llm.collective_rpc("join_weight_group", kwargs=kwargs)
 
-    def receive_weights(self, version: int) -> list[tuple[float, float]]:
+    def receive_weights(self, version: int) -> list[tuple[int, int]]:
         """Receive and load a full set of weights; returns worker 0's per-bucket checksums."""
         per_worker = self.llm.collective_rpc("receive_weights")
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights

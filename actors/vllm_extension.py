@@ -34,9 +34,9 @@ class WeightSyncExtension:
         self._weight_transport = BroadcastTransport(host, port, rank, world_size, backend, generation, timeout_s)
         return rank
 
-    def receive_weights(self) -> list[tuple[float, float]]:
+    def receive_weights(self) -> list[tuple[int, int]]:
         """Receive every bucket, load it into the model, return one checksum per bucket."""
-        sums: list[tuple[float, float]] = []
+        sums: list[tuple[int, int]] = []
 
         def stream():
             for bucket in self._buckets:

@@ -2,9 +2,9 @@
 
 Both sides derive the same bucket plan from a manifest of (name, shape) sent once when the
 group forms, so a sync moves only flat buffers: the sender packs up to `bucket_bytes` of tensors
-into one buffer, every receiver unpacks views of the same layout. Each side computes a checksum
-of every buffer it sent or received; the driver compares them, so a broken or stale transfer is
-an error, never a silently stale engine.
+into one buffer, every receiver unpacks views of the same layout. Each side computes an exact
+integer checksum of every buffer it sent or received; the driver compares them, so a broken or
+stale transfer is an error, never a silently stale engine.
 
 The group is a dedicated torch.distributed process group built from a TCPStore, independent of
 either side's default group: gloo on CPU, NCCL on GPU — the same code path on both. A group is
@@ -72,17 +72,36 @@ def unpack(buf: torch.Tensor, bucket: list[TensorSpec]) -> Iterator[tuple[str, t
         offset += spec.numel
 
 
-def checksum(buf: torch.Tensor) -> tuple[float, float]:
-    """(sum, position-weighted sum) in float64: cheap on any device, sensitive to order."""
-    x = buf.detach().to(torch.float64)
-    weights = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(251).add_(1)
-    return float(x.sum()), float((x * weights).sum())
+# Elements per checksum step: a multiple of the weight period 127, so one weight vector serves
+# every chunk; its int64 temporaries are 32 MiB, whatever the size of the tensor.
+CHECKSUM_PERIOD = 127
+CHECKSUM_CHUNK = CHECKSUM_PERIOD << 15
 
 
-def checksums_match(a: list[tuple[float, float]], b: list[tuple[float, float]], rtol: float = 1e-9) -> bool:
-    if len(a) != len(b):
-        return False
-    return all(abs(x - y) <= rtol * max(1.0, abs(x), abs(y)) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
+def checksum(buf: torch.Tensor) -> tuple[int, int]:
+    """(sum, position-weighted sum) of the buffer's raw 16-bit words, as exact integers.
+
+    Integer sums are exact and independent of reduction order, so sender and receiver agree bit
+    for bit on any device; the weights (position mod 127, plus 1) make the second sum sensitive to
+    order. Computed chunk by chunk: no full-size temporary (a float64 copy of a 545M-element
+    embedding would take 4.4 GB of engine memory). Each chunk's sums fit int64 with room to spare:
+    |word| < 2^15, weights <= 127, 2^22 words per chunk."""
+    flat = buf.detach().reshape(-1)
+    words = flat.view(torch.int16) if flat.element_size() % 2 == 0 else flat.view(torch.uint8)
+    weights = torch.arange(min(CHECKSUM_CHUNK, words.numel()), device=words.device, dtype=torch.int64)
+    weights = weights.remainder_(CHECKSUM_PERIOD).add_(1)
+    total = torch.zeros((), dtype=torch.int64, device=words.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), CHECKSUM_CHUNK):
+        chunk = words[start:start + CHECKSUM_CHUNK].to(torch.int64)
+        total += chunk.sum()
+        weighted += (chunk * weights[:chunk.numel()]).sum()
+    return int(total), int(weighted)
+
+
+def checksums_match(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    """Exact equality of two per-bucket checksum lists."""
+    return [tuple(x) for x in a] == [tuple(x) for x in b]
 
 
 class WeightTransport(ABC):

@@ -213,7 +213,7 @@ class LearnerWorker:
                 self.transport.close()
             self.transport = BroadcastTransport(host, port, 0, world_size, backend, generation, timeout_s)
 
-    def broadcast_weights(self) -> list[tuple[float, float]]:
+    def broadcast_weights(self) -> list[tuple[int, int]]:
         """Gather full tensors bucket by bucket (all ranks) and broadcast them from rank 0."""
         params = dict(self.model.named_parameters())
         sums = []

@@ -221,7 +221,8 @@ class SyncConfig:
     timeout_s: float = 300.0
     """Deadline for one weight sync (and for joining the broadcast group)."""
     backend: str = "auto"
-    """Broadcast backend: `auto` (nccl with GPUs, else gloo), `gloo`, `nccl`."""
+    """Broadcast backend: `auto` (NCCL when rollout and learner both have GPUs, gloo when neither
+    has; one side alone is an error), `gloo`, `nccl`."""
 
 
 @dataclass
@@ -397,14 +398,51 @@ def validate(cfg: Any) -> None:
            f"logger.wandb.mode must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
     _check(cfg.logger.wandb.mode != "online" or bool(os.environ.get("WANDB_API_KEY")),
            "logger.wandb.mode=online needs WANDB_API_KEY in the environment")
-    cpu_only = cfg.topology.rollout_gpus == 0 and cfg.topology.learner_gpus == 0
-    _check(not cpu_only or r.tensor_parallel_size == 1, "rollout.tensor_parallel_size > 1 needs GPUs (topology.rollout_gpus)")
+    validate_gpus(cfg)
     _check(cfg.topology.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
            f"topology.strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {cfg.topology.strategy!r}")
     _check(cfg.stage in ("train", "eval"), f"stage must be train or eval, got {cfg.stage!r}")
     _check(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {cfg.eval.every_n_steps}")
     _check(cfg.eval.pass_k >= 1, f"eval.pass_k must be >= 1, got {cfg.eval.pass_k}")
     check_model_path(cfg.model.path)
+
+
+def sync_backend(cfg: Any) -> str:
+    """The weight-broadcast backend: `sync.backend`, or for `auto` NCCL when both sides have GPUs."""
+    if cfg.sync.backend != "auto":
+        return cfg.sync.backend
+    return "nccl" if cfg.topology.rollout_gpus > 0 and cfg.topology.learner_gpus > 0 else "gloo"
+
+
+def validate_gpus(cfg: Any) -> None:
+    """GPU topologies that cannot work: each NCCL rank needs a whole GPU of its own (two ranks of one
+    communicator on a GPU fail with "Duplicate GPU detected"), a TP engine needs TP GPUs, and engines
+    sharing a GPU must fit in it together."""
+    t, r = cfg.topology, cfg.rollout
+    tp, gpus = r.tensor_parallel_size, t.rollout_gpus
+    _check(tp >= 1, f"rollout.tensor_parallel_size must be >= 1, got {tp}")
+    _check(t.learner_gpus in (0, 1), f"topology.learner_gpus must be 0 or 1 (one whole GPU per learner rank: "
+                                     f"an NCCL rank cannot share or span GPUs), got {t.learner_gpus:g}")
+    _check(tp == 1 or gpus == tp, f"rollout.tensor_parallel_size={tp} needs topology.rollout_gpus={tp} "
+                                  f"(one GPU per tensor-parallel worker), got {gpus:g}")
+    _check(gpus == 0 or tp > 1 or gpus <= 1, f"topology.rollout_gpus ({gpus:g}) > 1 needs "
+                                             f"rollout.tensor_parallel_size={gpus:g}")
+    backend = sync_backend(cfg)
+    if backend == "nccl":
+        _check(gpus > 0 and t.learner_gpus > 0, "sync.backend=nccl needs GPUs on both sides (topology.rollout_gpus "
+                                               "and topology.learner_gpus); use sync.backend=gloo otherwise")
+        _check(gpus == int(gpus), f"topology.rollout_gpus={gpus:g}: engines that share a GPU cannot all join an "
+                                  f"NCCL weight broadcast (one rank per GPU); use whole GPUs or sync.backend=gloo")
+    elif cfg.sync.backend == "auto" and (gpus > 0) != (t.learner_gpus > 0):
+        side = "rollout" if gpus > 0 else "learner"
+        raise ConfigError(f"only the {side} side has GPUs, so sync.backend=auto cannot use NCCL: set "
+                          f"sync.backend=gloo (a CPU broadcast: slow for large models) or give both sides GPUs")
+    if 0 < gpus < 1:
+        per_gpu = int(1 / gpus + 1e-9)
+        _check(per_gpu * r.gpu_memory_utilization <= 0.95,
+               f"{per_gpu} engines share each GPU (topology.rollout_gpus={gpus:g}) at rollout.gpu_memory_utilization="
+               f"{r.gpu_memory_utilization:g}: {per_gpu * r.gpu_memory_utilization:.2f} of a GPU; lower it to "
+               f"{0.95 / per_gpu:.2f} or below")
 
 
 ALL_ROLES = ("rollout", "learner", "reward")

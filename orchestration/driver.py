@@ -19,6 +19,7 @@ from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
 from orchestration.batching import build_batch, overlong_shaping, pad_to_multiple
 from orchestration.cluster import Placement
+from orchestration.config import sync_backend
 from orchestration.evaluation import EvalResult, evaluate
 from orchestration.metrics import RunLogger, Timer
 from orchestration.pools import RewardPool, RolloutPool
@@ -65,9 +66,7 @@ def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
         num_minibatches=l.num_minibatches, temperature=r.temperature, mixed_precision=l.mixed_precision,
         gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
         cpu_threads=max(1, int(cfg.topology.learner_cpus)), reference=a.kl_in == "reward" and a.kl_coef > 0)
-    gpus = cfg.topology.rollout_gpus > 0 or cfg.topology.learner_gpus > 0
-    backend = cfg.sync.backend if cfg.sync.backend != "auto" else ("nccl" if gpus else "gloo")
-    sync = WeightSync(learner, rollout, backend=backend, dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
+    sync = WeightSync(learner, rollout, backend=sync_backend(cfg), dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
                       timeout_s=cfg.sync.timeout_s, workers_per_engine=r.tensor_parallel_size)
     sync.connect()
     return Actors(rollout, rewards, learner, sync)

@@ -29,7 +29,7 @@ class WeightSync:
         self.manifest = learner.weight_manifest()
         self.generation = -1
         self.version = 0
-        self.last_checksums: list[tuple[float, float]] = []  # what the engines reported loading
+        self.last_checksums: list[tuple[int, int]] = []  # what the engines reported loading
 
     def connect(self) -> None:
         """Form a new generation of the group with the current engines."""

@@ -165,6 +165,16 @@ BAD = [
     (["task.name=gsm8k"], r"task 'gsm8k'"),
     (["sync.bucket_mb=0"], r"sync\.bucket_mb"),
     (["sync.backend=mpi"], r"sync\.backend"),
+    # GPU topologies that cannot work (rejected before any actor starts)
+    (["topology=gpu_pools", "topology.learner_gpus=0.5"], r"topology\.learner_gpus must be 0 or 1"),
+    (["topology=gpu_pools", "rollout.tensor_parallel_size=2"], r"tensor_parallel_size=2 needs topology\.rollout_gpus=2"),
+    (["topology=gpu_pools", "topology.rollout_gpus=2"], r"rollout_gpus \(2\) > 1 needs rollout\.tensor_parallel_size=2"),
+    (["topology=gpu_pools", "topology.rollout_gpus=0.5"], r"engines that share a GPU cannot all join an NCCL"),
+    (["topology=gpu_pools", "topology.rollout_gpus=0.5", "sync.backend=gloo", "rollout=gpu"],
+     r"2 engines share each GPU .* 1\.70 of a GPU; lower it to 0\.47"),
+    (["topology=gpu_pools", "topology.learner_gpus=0"], r"only the rollout side has GPUs, so sync\.backend=auto"),
+    (["topology=gpu_pools", "topology.rollout_gpus=0"], r"only the learner side has GPUs"),
+    (["topology=gpu_pools", "topology.learner_gpus=0", "sync.backend=nccl"], r"sync\.backend=nccl needs GPUs on both"),
     (["topology.strategy=RANDOM"], r"topology\.strategy"),
 ]
 
@@ -197,6 +207,24 @@ def _with_reward(cfg, name: str, weight: float):
     with open_dict(cfg):
         cfg.reward.functions[name] = weight
     return cfg
+
+
+@pytest.mark.parametrize("overrides", [
+    ["topology=gpu_pools", "rollout=gpu", "learner=gpu"],
+    ["topology=gpu_pools", "rollout=gpu", "learner=gpu", "rollout.tensor_parallel_size=2", "topology.rollout_gpus=2"],
+    ["topology=gpu_pools", "topology.rollout_gpus=0.5", "sync.backend=gloo", "rollout.gpu_memory_utilization=0.45"],
+    ["topology=gpu_pools", "topology.learner_gpus=0", "sync.backend=gloo"],
+])
+def test_validate_accepts_workable_gpu_topologies(overrides):
+    validate(make_cfg(*overrides))
+
+
+def test_sync_backend_auto():
+    from orchestration.config import sync_backend
+
+    assert sync_backend(make_cfg()) == "gloo"
+    assert sync_backend(make_cfg("topology=gpu_pools")) == "nccl"
+    assert sync_backend(make_cfg("topology=gpu_pools", "sync.backend=gloo")) == "gloo"
 
 
 def test_validate_accepts_hub_id_and_user_reward():
