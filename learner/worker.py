@@ -52,8 +52,10 @@ class LearnerWorker:
                  micro_batch_tokens: int = 4096, num_minibatches: int = 1, temperature: float = 1.0,
                  mixed_precision: bool = True, gradient_checkpointing: bool = False, seed: int = 0,
                  cpu_threads: int = 1, reference: bool = False) -> None:
+        import ray
+
         rank, world_size = self.rank, self.world_size
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = choose_device(ray.get_gpu_ids())
         # NCCL for CUDA tensors; gloo alongside it for the small CPU all-reduces (counts, metrics).
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
@@ -61,6 +63,9 @@ class LearnerWorker:
         else:
             torch.set_num_threads(max(1, cpu_threads))
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size)
+        from orchestration.models import resolve_on_node
+
+        self.model_path = model_path = resolve_on_node(model_path)
         torch.manual_seed(seed)
         self.objective, self.temperature = objective, temperature
         self.grad_clip, self.micro_batch_tokens, self.num_minibatches = grad_clip, micro_batch_tokens, num_minibatches
@@ -75,18 +80,32 @@ class LearnerWorker:
         self.transport: BroadcastTransport | None = None
 
     def _load(self, path: str, mixed_precision: bool, checkpointing: bool, trainable: bool):
+        """The model, FSDP2-sharded: rank 0 reads the checkpoint, the other ranks build it on the meta
+        device and receive their shards by broadcast (an 8-rank node holds one full copy, not 8)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        # Loaded on the CPU; fully_shard moves each rank's shards to its device (never the full model).
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if self.rank == 0:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            full = model.state_dict()
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+            full = {}
         if checkpointing:
             model.gradient_checkpointing_enable()
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
             else MixedPrecisionPolicy()
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # rank 0's shards move to its device; never the full model
+        if self.rank != 0:
+            model.to_empty(device=self.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # non-persistent ones (rotary inv_freq) are in no state dict
+            dist.broadcast(buffer.data, src=0)
+        del full
         model.train(trainable)
         model.requires_grad_(trainable)
         return model
@@ -226,18 +245,47 @@ class LearnerWorker:
                     sums.append(checksum(buf))
         return sums
 
-    def save_pretrained(self, path: str) -> None:
-        """Write the full policy as a Hugging Face directory (rank 0 writes; all ranks gather)."""
+    def save_pretrained(self, path: str, driver_node: str) -> list[str]:
+        """Write the full policy and its tokenizer as a Hugging Face directory (all ranks gather, rank 0
+        writes): into `path` when rank 0 runs on the driver's node, else into a temporary directory
+        whose files the driver fetches with `read_export` (returned: their names)."""
+        import os
+        import tempfile
+
+        import ray
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoTokenizer
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        names: list[str] = []
         if self.rank == 0:
-            self.model.save_pretrained(path, state_dict=state, safe_serialization=True)
+            local = ray.util.get_node_ip_address() == driver_node
+            self.export = path if local else tempfile.mkdtemp(prefix="raygrpo-policy-")
+            self.model.save_pretrained(self.export, state_dict=state, safe_serialization=True, max_shard_size="2GB")
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(self.export)
+            names = [] if local else sorted(os.listdir(self.export))
         dist.barrier()
+        return names
+
+    def read_export(self, name: str) -> bytes:
+        """One file of the policy exported by `save_pretrained` (at most one 2 GB shard)."""
+        with open(f"{self.export}/{name}", "rb") as f:
+            return f.read()
+
+    def drop_export(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.export, ignore_errors=True)
 
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def choose_device(gpu_ids: list) -> torch.device:
+    """cuda:0 when Ray granted this actor a GPU (its CUDA_VISIBLE_DEVICES then lists that one), else
+    the CPU — even where GPUs are visible: since Ray 2.5x a zero-GPU actor still sees them all."""
+    return torch.device("cuda", 0) if gpu_ids else torch.device("cpu")
 
 
 def free_port() -> int:

@@ -23,14 +23,27 @@ from orchestration.config import ConfigError, role_bundle, validate_resources
 def start_ray(cfg: Any) -> None:
     """Join `ray.address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    quiet = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-    env = {"env_vars": quiet}  # engines' INFO logs would drown the progress bar
+    env = {"env_vars": worker_env()}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
     t = cfg.topology
     ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=cfg.ray.dashboard,
              dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of every actor of the job (through the runtime env, so joined clusters get it too)."""
+    return {
+        # Ray >= 2.5x leaves CUDA_VISIBLE_DEVICES alone for zero-GPU actors, so a CPU-configured
+        # role would see (and might use) every GPU of its node; "1" restores the empty list.
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
+        # A timed-out NCCL collective raises (and aborts its communicator) instead of the default
+        # watchdog killing the process, so a lost engine mid-sync is a WeightSyncError.
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # INFO drowns the progress bar
+    }
 
 
 def bundles(cfg: Any, role: str) -> list[dict[str, float]]:
@@ -40,33 +53,73 @@ def bundles(cfg: Any, role: str) -> list[dict[str, float]]:
 
 @dataclass
 class Placement:
-    """Ray actor options per role and actor index, plus where each bundle landed."""
+    """Ray actor options per role and actor index, where each landed, and what each reserved."""
 
     options: dict[str, list[dict[str, Any]]]
     nodes: dict[str, list[str]]  # role -> node IP per actor
+    reserved: dict[str, list[dict[str, float]]]  # role -> resources per actor (all its bundles)
+    engine_bundles: list[list[int]]  # per rollout actor: its TP workers' bundles ([] for TP 1)
 
     def describe(self) -> str:
         lines = [f"{'role':<8} {'index':>5}  {'node':<16} resources"]
         for role in self.options:
-            for i, (opt, node) in enumerate(zip(self.options[role], self.nodes[role])):
-                res = {"CPU": opt["num_cpus"], "GPU": opt.get("num_gpus", 0), **opt.get("resources", {})}
+            for i, (res, node) in enumerate(zip(self.reserved[role], self.nodes[role])):
                 lines.append(f"{role:<8} {i:>5}  {node:<16} " + ", ".join(f"{k}={v:g}" for k, v in res.items() if v))
         return "\n".join(lines)
 
 
 def place(cfg: Any, roles: tuple[str, ...] = ROLES, timeout_s: float = 60.0) -> Placement:
-    """Reserve one placement group per role; raise ConfigError if the cluster cannot hold it."""
+    """Reserve placement groups (one per role; one per engine for tensor-parallel engines) before any
+    actor starts; raise ConfigError if the cluster cannot hold them."""
     validate_resources(cfg, ray.cluster_resources(), roles)
     node_ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-    options, nodes = {}, {}
+    placement = Placement({}, {}, {}, [])
     for role in roles:
+        if role == "rollout" and cfg.rollout.tensor_parallel_size > 1:
+            _place_tp_engines(cfg, placement, node_ip, timeout_s)
+            continue
         spec = bundles(cfg, role)
-        pg = placement_group(spec, strategy=cfg.topology.strategy, name=f"raygrpo-{role}")
-        _wait_ready(pg, timeout_s)
-        table = placement_group_table(pg)
-        nodes[role] = [node_ip.get(table["bundles_to_node_id"][i], "?") for i in range(len(spec))]
-        options[role] = [_actor_options(pg, i, b) for i, b in enumerate(spec)]
-    return Placement(options, nodes)
+        pg = _reserve(spec, cfg.topology.strategy, f"raygrpo-{role}", timeout_s)
+        placement.nodes[role] = [node_ip.get(n, "?") for n in _bundle_nodes(pg, len(spec))]
+        placement.options[role] = [_actor_options(pg, i, b) for i, b in enumerate(spec)]
+        placement.reserved[role] = spec
+        if role == "rollout":
+            placement.engine_bundles = [[] for _ in spec]
+    return placement
+
+
+def tp_engine_bundles(cfg: Any) -> list[dict[str, float]]:
+    """One engine's placement group with tensor parallelism TP: TP one-GPU bundles (vLLM's Ray
+    executor refuses larger ones), the actor's CPUs and custom resources spread over them."""
+    tp, t = cfg.rollout.tensor_parallel_size, cfg.topology
+    extra = {k: v / tp for k, v in t.rollout_resources.items()}
+    return [{"CPU": t.rollout_cpus / tp, "GPU": 1.0, **extra} for _ in range(tp)]
+
+
+def _place_tp_engines(cfg: Any, placement: Placement, node_ip: dict[str, str], timeout_s: float) -> None:
+    """Each engine gets its own STRICT_PACK group (its TP workers on one node, no engine sharing
+    bundles); the engine actor itself holds nothing and captures the group for vLLM's workers."""
+    spec = tp_engine_bundles(cfg)
+    placement.options["rollout"], placement.nodes["rollout"], placement.reserved["rollout"] = [], [], []
+    for i in range(cfg.rollout.num_actors):
+        pg = _reserve(spec, "STRICT_PACK", f"raygrpo-rollout-{i}", timeout_s)
+        placement.nodes["rollout"].append(node_ip.get(_bundle_nodes(pg, 1)[0], "?"))
+        placement.options["rollout"].append({"num_cpus": 0, "num_gpus": 0, "scheduling_strategy":
+                                             PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
+                                                                              placement_group_capture_child_tasks=True)})
+        placement.reserved["rollout"].append({k: sum(b.get(k, 0.0) for b in spec) for k in spec[0]})
+        placement.engine_bundles.append(list(range(len(spec))))
+
+
+def _reserve(spec: list[dict[str, float]], strategy: str, name: str, timeout_s: float):
+    pg = placement_group(spec, strategy=strategy, name=name)
+    _wait_ready(pg, timeout_s)
+    return pg
+
+
+def _bundle_nodes(pg, count: int) -> list[str]:
+    table = placement_group_table(pg)
+    return [table["bundles_to_node_id"][i] for i in range(count)]
 
 
 def _wait_ready(pg, timeout_s: float) -> None:

@@ -43,24 +43,26 @@ def engine_dtype(cfg: Any) -> str:
     return "bfloat16" if cfg.topology.rollout_gpus > 0 else "float32"
 
 
-def start_rollout(cfg: Any, placement: Placement, model_path: str) -> RolloutPool:
+def start_rollout(cfg: Any, placement: Placement) -> RolloutPool:
+    """The engines; each resolves `model.path` on its own node."""
     r = cfg.rollout
-    return RolloutPool.start(placement.options["rollout"], model_path, r.timeout_s, dtype=engine_dtype(cfg),
-                       seed=cfg.seed, max_model_len=cfg.model.max_model_len,
-                       max_prompt_tokens=r.max_prompt_tokens, tensor_parallel_size=r.tensor_parallel_size,
-                       gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
+    return RolloutPool.start(placement.options["rollout"], cfg.model.path, r.timeout_s, placement.engine_bundles,
+                             gpu=cfg.topology.rollout_gpus > 0, dtype=engine_dtype(cfg), seed=cfg.seed,
+                             max_model_len=cfg.model.max_model_len, max_prompt_tokens=r.max_prompt_tokens,
+                             tensor_parallel_size=r.tensor_parallel_size,
+                             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
 
 
-def start_actors(cfg: Any, placement: Placement, model_path: str) -> Actors:
+def start_actors(cfg: Any, placement: Placement) -> Actors:
     r, l, a = cfg.rollout, cfg.learner, cfg.algo
-    rollout = start_rollout(cfg, placement, model_path)
+    rollout = start_rollout(cfg, placement)
     rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s)
     kl_in_loss = a.kl_coef if a.kl_in == "loss" else 0.0
     objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
                               max_tokens=r.max_new_tokens, kl_coef=kl_in_loss, kl_estimator=a.kl_estimator,
                               entropy_coef=a.entropy_coef)
     learner = LearnerGroup(
-        l.num_ranks, placement.options["learner"], model_path=model_path, objective=objective, lr=l.lr,
+        l.num_ranks, placement.options["learner"], model_path=cfg.model.path, objective=objective, lr=l.lr,
         betas=tuple(l.betas), weight_decay=l.weight_decay, warmup_steps=l.warmup_steps, schedule=l.schedule,
         total_steps=cfg.steps, grad_clip=l.grad_clip, micro_batch_tokens=l.micro_batch_tokens,
         num_minibatches=l.num_minibatches, temperature=r.temperature, mixed_precision=l.mixed_precision,
@@ -182,14 +184,11 @@ def make_batch(cfg: Any, sampled: Sampled, learner: LearnerGroup) -> tuple[Train
     return batch, rewards, padded
 
 
-def save_outputs(cfg: Any, actors: Actors, model_path: str) -> Path:
-    """The final policy as an HF directory, and what the engines last loaded (`sync.json`)."""
-    from transformers import AutoTokenizer
-
+def save_outputs(cfg: Any, actors: Actors) -> Path:
+    """The final policy as an HF directory in the run directory, and what the engines last loaded."""
     out = Path(cfg.output_dir)
     policy = out / "policy"
-    actors.learner.save_pretrained(str(policy))
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(str(policy))
+    actors.learner.save_pretrained(str(policy.resolve()))
     sync = {"version": actors.sync.version, "dtype": actors.sync.dtype, "bucket_bytes": actors.sync.bucket_bytes,
             "engine_checksums": actors.sync.last_checksums}
     (out / "sync.json").write_text(json.dumps(sync, indent=1))
@@ -242,7 +241,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
-def run_train(cfg: Any, placement: Placement, model_path: str, task: Task) -> Path:
+def run_train(cfg: Any, placement: Placement, task: Task) -> Path:
     """Train, save the policy, write curves and the report; returns the run directory."""
     import time
 
@@ -252,10 +251,10 @@ def run_train(cfg: Any, placement: Placement, model_path: str, task: Task) -> Pa
     out = Path(cfg.output_dir)
     config = config_dict(cfg)
     logger = RunLogger(cfg.output_dir, config, cfg.logger.wandb, cfg.steps, cfg.logger.progress)
-    actors = start_actors(cfg, placement, model_path)
+    actors = start_actors(cfg, placement)
     try:
         first, final = train(cfg, actors, logger, task)
-        save_outputs(cfg, actors, model_path)
+        save_outputs(cfg, actors)
     finally:
         logger.close()
     report.plot_curves(report.load_metrics(out), out / "curves.png")
@@ -266,13 +265,13 @@ def run_train(cfg: Any, placement: Placement, model_path: str, task: Task) -> Pa
     return out
 
 
-def run_eval(cfg: Any, placement: Placement, model_path: str, task: Task) -> dict[str, float]:
+def run_eval(cfg: Any, placement: Placement, task: Task) -> dict[str, float]:
     """Evaluate `model.path` alone (no learner) on the task's held-out set; prints and logs the metrics."""
-    rollout = start_rollout(cfg, placement, model_path)
+    rollout = start_rollout(cfg, placement)
     result = evaluate(rollout, task.test_set(), eval_settings(cfg), cfg.task.system_prompt)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"model": model_path, **result.metrics, "samples": result.samples},
+    (out / "eval.json").write_text(json.dumps({"model": cfg.model.path, **result.metrics, "samples": result.samples},
                                               indent=1))
     for k, v in result.metrics.items():
         print(f"{k:<24} {v:.4f}")

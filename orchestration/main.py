@@ -53,11 +53,11 @@ def run(cfg: DictConfig) -> None:
         if cfg.dry_run:
             print(placement.describe())
             return
-        model_path = resolve_model_path(cfg.model.path)
+        resolve_model_path(cfg.model.path)  # builds a built-in once here; each actor resolves it on its node
         if cfg.stage == "eval":
-            driver.run_eval(cfg, placement, model_path, task)
+            driver.run_eval(cfg, placement, task)
         else:
-            out = driver.run_train(cfg, placement, model_path, task)
+            out = driver.run_train(cfg, placement, task)
             print(f"run written to {out.resolve()}")
     finally:
         ray.shutdown()

@@ -71,6 +71,18 @@ def resolve_model_path(path: str) -> str:
     return str(target)
 
 
+def resolve_on_node(path: str) -> str:
+    """`resolve_model_path` where an actor runs: built-ins are built in this node's cache, and a local
+    path must exist here too (multi-node runs need it on shared storage)."""
+    resolved = resolve_model_path(path)
+    if path.startswith(("/", ".", "~")) and not Path(resolved).is_dir():
+        import socket
+
+        raise FileNotFoundError(f"model path {path} does not exist on node {socket.gethostname()}: a multi-node "
+                                f"run needs the model on storage every node shares (or a hub id, or builtin:)")
+    return resolved
+
+
 def byte_tokenizer():
     """A byte-level tokenizer with no merges: one token per byte, plus pad/eos/unk.
 

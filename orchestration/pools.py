@@ -43,12 +43,14 @@ class RolloutPool:
         self.needs_resync = False
 
     @classmethod
-    def start(cls, options: list[dict[str, Any]], model_path: str, timeout_s: float, **engine_kwargs: Any):
+    def start(cls, options: list[dict[str, Any]], model: str, timeout_s: float,
+              engine_bundles: list[list[int]] | None = None, **engine_kwargs: Any):
         """Start one RolloutActor per entry of `options` and wait until every engine is up."""
         remote = ray.remote(RolloutActor)
         seed = engine_kwargs.pop("seed", 0)
-        actors = [remote.options(**opt).remote(model_path, seed=seed + i, **engine_kwargs)
-                  for i, opt in enumerate(options)]
+        bundles = engine_bundles or [[] for _ in options]
+        actors = [remote.options(**opt).remote(model, seed=seed + i, engine_bundles=b, **engine_kwargs)
+                  for i, (opt, b) in enumerate(zip(options, bundles))]
         ray.get([a.ready.remote() for a in actors])
         return cls(actors, timeout_s)
 

@@ -80,7 +80,7 @@ def test_grpo_step_matches_engine_logprobs_and_lowers_the_loss(ray_local, tiny_m
         group.shutdown()
 
 
-def test_sft_step_lowers_nll_and_engine_follows_broadcast(ray_local, tiny_model, sampled, engine):
+def test_sft_step_lowers_nll_and_engine_follows_broadcast(ray_local, tiny_model, sampled, engine, tmp_path):
     from orchestration.pools import RolloutPool
     from orchestration.weight_sync import WeightSync
 
@@ -104,8 +104,42 @@ def test_sft_step_lowers_nll_and_engine_follows_broadcast(ray_local, tiny_model,
         learner_lp = [x for row in group.logprobs(probe) for x in row]
         engine_lp = [x for c in fresh.completions for x in c.logprobs]
         assert sum(abs(a - b) for a, b in zip(learner_lp, engine_lp)) / len(engine_lp) < 1e-3
+        check_policy_export(group, tmp_path)
     finally:
         group.shutdown()
+
+
+def check_policy_export(group, tmp_path):
+    """Saved in place on the driver's node, or fetched file by file from another node's learner:
+    the same HF directory (weights, config, tokenizer) either way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    group.save_pretrained(str(tmp_path / "here"))
+    group.save_pretrained(str(tmp_path / "fetched"), driver_node="203.0.113.9")  # as if the driver were elsewhere
+    here = {p.name: p.read_bytes() for p in (tmp_path / "here").iterdir()}
+    fetched = {p.name: p.read_bytes() for p in (tmp_path / "fetched").iterdir()}
+    assert here.keys() == fetched.keys() and "model.safetensors" in here and "tokenizer.json" in here
+    assert here["model.safetensors"] == fetched["model.safetensors"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fetched")
+    assert AutoTokenizer.from_pretrained(tmp_path / "fetched")("12")["input_ids"]
+    assert model.config.vocab_size > 0
+
+
+def test_zero_gpu_actors_see_no_gpu_and_choose_the_cpu(ray_local):
+    """With the job's environment a CPU-configured actor gets an empty CUDA_VISIBLE_DEVICES (Ray 2.5x
+    would otherwise show it every GPU) and picks the CPU from what Ray granted, not from what it sees."""
+    import os
+
+    from learner.worker import choose_device
+
+    @ray_local.remote(num_cpus=0.1)
+    def probe():
+        import ray
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), ray.get_gpu_ids(), str(choose_device(ray.get_gpu_ids()))
+
+    assert ray_local.get(probe.remote()) == ("", [], "cpu")
+    assert str(choose_device([3])) == "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES lists the granted GPU alone
 
 
 class Doomed:
