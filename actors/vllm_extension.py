@@ -4,7 +4,7 @@ vLLM mixes this class into every worker of an engine (`worker_extension_cls`); t
 calls its methods through `LLM.collective_rpc`, so with tensor parallelism every TP worker joins
 the group and receives full tensors, and vLLM's own `load_weights` shards them.
 
-Received buckets are streamed straight into `reload_weights` (one bucket alive at a time, so a
+Received buckets are streamed straight into the worker's `reload_weights` (one bucket alive at a time, so a
 sync needs at most one bucket of extra memory) and checksummed on the way for the learner to
 compare.
 """
@@ -46,8 +46,10 @@ class WeightSyncExtension:
                 sums.append(checksum(buf))
                 yield from unpack(buf, bucket)
 
-        self.model_runner.reload_weights(weights_iterator=stream())
+        self.reload_weights(weights_iterator=stream())  # the Worker's: it sets vLLM's config context
         self._refresh_tied_lm_head()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # loaded before the engine samples again
         return sums
 
     def _refresh_tied_lm_head(self) -> None:

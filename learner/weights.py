@@ -104,6 +104,9 @@ def checksums_match(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
     return [tuple(x) for x in a] == [tuple(x) for x in b]
 
 
+NCCL_GRACE_S = 30.0  # NCCL's collective timeout is the driver's deadline plus this
+
+
 class WeightTransport(ABC):
     """Moves one flat buffer from the sender (rank 0) to every receiver."""
 
@@ -132,14 +135,18 @@ class BroadcastTransport(WeightTransport):
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
         store = dist.PrefixStore(f"raygrpo-weights-{generation}", self.store)
         if backend == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()  # GPU-only path: exercised on GPU machines only
-            opts._timeout = timeout
+            # GPU-only path. NCCL's own deadline sits past the driver's (`timeout_s`), so the driver
+            # reports a lost peer first; NCCL then aborts the stuck collective, which raises here
+            # (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 in the job's environment) rather than its watchdog
+            # killing the process.
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout + timedelta(seconds=NCCL_GRACE_S)
             self.group = dist.ProcessGroupNCCL(store, rank, world_size, opts)
         elif backend == "gloo":
             self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout=timeout)
         else:
             raise ValueError(f"unknown broadcast backend {backend!r}")
-        self.rank = rank
+        self.rank, self.backend = rank, backend
 
     def _broadcast(self, buf: torch.Tensor) -> None:
         import torch.distributed as dist
@@ -156,5 +163,9 @@ class BroadcastTransport(WeightTransport):
         self._broadcast(buf)
 
     def close(self) -> None:
+        """Leave the group; an NCCL communicator is aborted explicitly (a replaced generation or a
+        failed sync must not leave a communicator waiting on a lost peer)."""
+        if self.backend == "nccl" and self.group is not None:
+            self.group.abort()
         self.group = None
         self.store = None

@@ -70,6 +70,8 @@ class LearnerWorker:
         self.objective, self.temperature = objective, temperature
         self.grad_clip, self.micro_batch_tokens, self.num_minibatches = grad_clip, micro_batch_tokens, num_minibatches
         mp = mixed_precision and self.device.type == "cuda"
+        if mp and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("this GPU has no bf16: set learner.mixed_precision=false (and model.dtype=float16)")
         self.model = self._load(model_path, mp, gradient_checkpointing, trainable=True)
         self.ref = self._load(model_path, mp, False, trainable=False) \
             if objective.needs_reference or reference else None
