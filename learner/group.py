@@ -51,11 +51,11 @@ class LearnerGroup:
         return [w.broadcast_weights.remote() for w in self.workers]
 
     def save_pretrained(self, path: str, driver_node: str | None = None) -> None:
-        """The full policy and tokenizer into `path` on the driver's node (`driver_node`: its IP, by
-        default this process's), fetched file by file when the learner runs on another node."""
+        """The full policy and tokenizer into `path` on the driver's node (`driver_node`: its Ray node
+        id, by default this process's), fetched file by file when the learner runs on another node."""
         from pathlib import Path
 
-        node = driver_node or ray.util.get_node_ip_address()
+        node = driver_node or ray.get_runtime_context().get_node_id()
         names = ray.get([w.save_pretrained.remote(path, node) for w in self.workers])[0]
         if names:
             Path(path).mkdir(parents=True, exist_ok=True)

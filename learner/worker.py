@@ -249,7 +249,8 @@ class LearnerWorker:
 
     def save_pretrained(self, path: str, driver_node: str) -> list[str]:
         """Write the full policy and its tokenizer as a Hugging Face directory (all ranks gather, rank 0
-        writes): into `path` when rank 0 runs on the driver's node, else into a temporary directory
+        writes): into `path` when rank 0 runs on the driver's node (Ray node id `driver_node`), else
+        into a temporary directory
         whose files the driver fetches with `read_export` (returned: their names)."""
         import os
         import tempfile
@@ -261,7 +262,7 @@ class LearnerWorker:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         names: list[str] = []
         if self.rank == 0:
-            local = ray.util.get_node_ip_address() == driver_node
+            local = ray.get_runtime_context().get_node_id() == driver_node
             self.export = path if local else tempfile.mkdtemp(prefix="raygrpo-policy-")
             self.model.save_pretrained(self.export, state_dict=state, safe_serialization=True, max_shard_size="2GB")
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(self.export)

@@ -7,8 +7,10 @@ printed before anything starts (`dry_run=true`).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -66,6 +68,13 @@ class Placement:
             for i, (res, node) in enumerate(zip(self.reserved[role], self.nodes[role])):
                 lines.append(f"{role:<8} {i:>5}  {node:<16} " + ", ".join(f"{k}={v:g}" for k, v in res.items() if v))
         return "\n".join(lines)
+
+    def save(self, path: Path) -> None:
+        """Where every actor runs, as JSON: {role: [{node, resources}]} (the run's record of placement)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {role: [{"node": node, "resources": res} for node, res in zip(self.nodes[role], self.reserved[role])]
+                  for role in self.options}
+        path.write_text(json.dumps(record, indent=1))
 
 
 def place(cfg: Any, roles: tuple[str, ...] = ROLES, timeout_s: float = 60.0) -> Placement:

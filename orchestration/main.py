@@ -50,9 +50,10 @@ def run(cfg: DictConfig) -> None:
     try:
         roles = ("rollout", "reward", "learner") if cfg.stage == "train" else ("rollout",)
         placement = cluster.place(cfg, roles)
+        print(placement.describe(), flush=True)
         if cfg.dry_run:
-            print(placement.describe())
             return
+        placement.save(Path(cfg.output_dir) / "placement.json")
         resolve_model_path(cfg.model.path)  # builds a built-in once here; each actor resolves it on its node
         if cfg.stage == "eval":
             driver.run_eval(cfg, placement, task)

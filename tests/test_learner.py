@@ -115,7 +115,7 @@ def check_policy_export(group, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     group.save_pretrained(str(tmp_path / "here"))
-    group.save_pretrained(str(tmp_path / "fetched"), driver_node="203.0.113.9")  # as if the driver were elsewhere
+    group.save_pretrained(str(tmp_path / "fetched"), driver_node="f" * 56)  # as if the driver were on another node
     here = {p.name: p.read_bytes() for p in (tmp_path / "here").iterdir()}
     fetched = {p.name: p.read_bytes() for p in (tmp_path / "fetched").iterdir()}
     assert here.keys() == fetched.keys() and "model.safetensors" in here and "tokenizer.json" in here
