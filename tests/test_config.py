@@ -384,3 +384,13 @@ def test_cli_smoke_dry_run_placement(tmp_path):
     assert by_role["reward"][0][-1] == "CPU=0.5"
     assert len(rows) == 5
     assert not (tmp_path / "cache" / "models").exists()  # a dry run builds no model
+
+
+def test_tp_engine_gets_one_gpu_bundle_per_worker():
+    """vLLM's Ray executor takes one-GPU bundles only: a TP=2 engine reserves two, its CPUs and
+    custom resources spread over them (the engine actor itself holds nothing)."""
+    from orchestration.cluster import tp_engine_bundles
+
+    cfg = make_cfg("topology=multinode")
+    assert tp_engine_bundles(cfg) == [{"CPU": 4.0, "GPU": 1.0, "rollout_node": 0.5}] * 2
+    assert required_resources(cfg, ("rollout",)) == {"CPU": 64.0, "GPU": 16.0, "rollout_node": 8.0}

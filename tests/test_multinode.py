@@ -1,5 +1,7 @@
-"""A real two-node Ray cluster on this machine, on loopback only: the smoke experiment submitted
-with `ray job submit`, engines pinned to one node and the learner to the other.
+"""End to end: `raygrpo experiment=smoke` (tiny model, 2 rollout actors, 1 reward worker, 2 learner
+ranks, 3 steps) on a real two-node Ray cluster on this machine, on loopback only, submitted with
+`ray job submit`, engines pinned to one node and the learner to the other. (The local path, where
+the driver starts its own Ray, runs end to end in test_e2e_data.py.)
 
 Both raylets run here (`ray start --block`, each in a process group the test owns and kills
 whatever happens; never `ray stop`, which would end every Ray on the machine). Their addresses are
@@ -121,11 +123,49 @@ def test_smoke_job_on_a_two_node_cluster(tmp_path, cache_dir):
         for name in ("metrics.jsonl", "sync.json", "curves.png", "report.md", "config.json", "policy/config.json",
                      "policy/model.safetensors", "policy/tokenizer.json"):
             assert (out / name).is_file(), name
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[2]["learner/logprob_mismatch"] < 1e-3
+        check_smoke_run(out, Path(cache_dir))
     finally:
         for node in reversed(nodes):
             node.kill()
         shutil.rmtree(temp, ignore_errors=True)
     alive = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
     assert not alive, f"cluster processes left behind: {alive}"
+
+
+REQUIRED = [
+    "reward/mean", "reward/std", "reward/accuracy", "reward/failed", "reward/zero_variance_groups",
+    "rollout/response_length_mean", "rollout/response_length_max", "rollout/truncated",
+    "learner/clip_frac_low", "learner/clip_frac_high", "learner/approx_kl", "learner/kl_ref",
+    "learner/entropy", "learner/grad_norm", "learner/lr", "learner/logprob_mismatch",
+    "perf/tokens_per_s", "time/generate", "time/reward", "time/learner", "time/sync", "time/other",
+]
+
+
+def check_smoke_run(out: Path, cache: Path) -> None:
+    """Metrics, W&B, report, and the engines' last checksums equal to the saved (trained) policy's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from learner.weights import TensorSpec, checksum, checksums_match, pack, plan_buckets
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # 3 training steps, then the final evaluation
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[3] and "reward/mean" not in rows[3]
+    for row in rows[:3]:
+        missing = [k for k in REQUIRED if k not in row]
+        assert not missing, missing
+        assert row["learner/logprob_mismatch"] < 1e-3  # engines sample from the learner's weights
+    assert rows[2]["rollout/policy_version"] == 2  # step 2 sampled from the weights of step 1
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run"
+    assert (out / "curves.png").stat().st_size > 10_000 and "| eval/accuracy |" in (out / "report.md").read_text()
+
+    sync = json.loads((out / "sync.json").read_text())
+    assert sync["version"] == 3
+    model = AutoModelForCausalLM.from_pretrained(out / "policy", dtype=torch.float32)
+    params = dict(model.named_parameters())
+    specs = [TensorSpec(n, tuple(p.shape)) for n, p in params.items()]
+    sums = [checksum(pack([params[s.name].detach() for s in b], sum(s.numel for s in b), torch.float32, "cpu"))
+            for b in plan_buckets(specs, sync["bucket_bytes"], 4)]
+    assert checksums_match(sums, sync["engine_checksums"])
+    initial = AutoModelForCausalLM.from_pretrained(cache / "models" / "tiny-qwen2", dtype=torch.float32)
+    assert any(not torch.equal(p, params[n]) for n, p in initial.named_parameters())  # it trained
