@@ -330,7 +330,6 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: Any) -> None:
     """Check a resolved config (dataclass or DictConfig); raise ConfigError on the first problem."""
-    from actors.rewards import UnknownRewardError, resolve
     from orchestration.models import check_model_path
 
     r, a, l = cfg.rollout, cfg.algo, cfg.learner
@@ -370,20 +369,7 @@ def validate(cfg: Any) -> None:
     _check(l.micro_batch_tokens >= r.max_prompt_tokens + r.max_new_tokens,
            f"learner.micro_batch_tokens ({l.micro_batch_tokens}) must hold one full sequence "
            f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens})")
-    _check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
-    _check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
-    for name in list(cfg.reward.functions) + [cfg.eval.reward]:
-        try:
-            resolve(name)
-        except UnknownRewardError as e:
-            raise ConfigError(f"reward function {name!r}: {e}") from None
-    _check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
-    if "code_tests" in list(cfg.reward.functions) + [cfg.eval.reward]:
-        from actors.rewards.code import TIME_LIMIT_S
-
-        _check(cfg.reward.timeout_s >= TIME_LIMIT_S + 2,
-               f"reward.timeout_s ({cfg.reward.timeout_s:g}) must leave code_tests' {TIME_LIMIT_S:g} s limit room "
-               f"(>= {TIME_LIMIT_S + 2:g}; reward=code sets 15)")
+    validate_rewards(cfg)
     _check(cfg.task.name == "arithmetic", f"unknown task {cfg.task.name!r} (known: arithmetic)")
     d = cfg.data
     _check(d.epochs >= 1, f"data.epochs must be >= 1, got {d.epochs}")
@@ -405,6 +391,26 @@ def validate(cfg: Any) -> None:
     _check(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {cfg.eval.every_n_steps}")
     _check(cfg.eval.pass_k >= 1, f"eval.pass_k must be >= 1, got {cfg.eval.pass_k}")
     check_model_path(cfg.model.path)
+
+
+def validate_rewards(cfg: Any) -> None:
+    """Reward functions import (one line naming a function whose import fails), and deadlines fit."""
+    from actors.rewards import UnknownRewardError, resolve
+
+    _check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
+    _check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
+    for name in list(cfg.reward.functions) + [cfg.eval.reward]:
+        try:
+            resolve(name)
+        except UnknownRewardError as e:
+            raise ConfigError(f"reward function {name!r}: {e}") from None
+    _check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+    if "code_tests" in list(cfg.reward.functions) + [cfg.eval.reward]:
+        from actors.rewards.code import TIME_LIMIT_S
+
+        _check(cfg.reward.timeout_s >= TIME_LIMIT_S + 2,
+               f"reward.timeout_s ({cfg.reward.timeout_s:g}) must leave code_tests' {TIME_LIMIT_S:g} s limit room "
+               f"(>= {TIME_LIMIT_S + 2:g}; reward=code sets 15)")
 
 
 def sync_backend(cfg: Any) -> str:
