@@ -212,6 +212,13 @@ class TopologyConfig:
     """Extra custom Ray resources per learner rank."""
     strategy: str = "PACK"
     """Placement-group strategy for each pool: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU, for the dry run's per-process estimate (80: A100/H100 80 GB; 141: H200)."""
+    plan_nodes: list[str] = field(default_factory=list)
+    """A cluster to plan for without one: with `dry_run=true`, place the actors on these nodes,
+    print them with the memory estimate, and exit without starting Ray. Entries
+    `COUNTxGPUS[@label]` (the label: a custom resource of GPUS per node), e.g.
+    `[6x8@rollout_node,2x8@learner_node]`; quoted, `"COUNTxGPUS:cpu=96,name=amount"` too."""
 
 
 @dataclass

@@ -34,7 +34,7 @@ def importable_from_launch_dir() -> None:
 def run(cfg: DictConfig) -> None:
     import ray
 
-    from orchestration import cluster, driver
+    from orchestration import cluster, driver, plan
     from orchestration.models import resolve_model_path
     from tasks import make_task
 
@@ -46,12 +46,16 @@ def run(cfg: DictConfig) -> None:
         log.warning("data.epochs=%d over %d rows ends the run after %d steps (steps=%d)", cfg.data.epochs,
                     task.stats()["data/train_rows"], limit, cfg.steps)
         cfg.steps = limit
+    roles = ("rollout", "reward", "learner") if cfg.stage == "train" else ("rollout",)
+    if cfg.dry_run and cfg.topology.plan_nodes:  # a cluster that is not there: plan only
+        print(plan.describe_plan(cfg, roles))
+        return
     cluster.start_ray(cfg)
     try:
-        roles = ("rollout", "reward", "learner") if cfg.stage == "train" else ("rollout",)
         placement = cluster.place(cfg, roles)
         print(placement.describe(), flush=True)
         if cfg.dry_run:
+            print("\n".join(plan.memory_lines(cfg)))
             return
         placement.save(Path(cfg.output_dir) / "placement.json")
         resolve_model_path(cfg.model.path)  # builds a built-in once here; each actor resolves it on its node

@@ -1,0 +1,170 @@
+"""Dry-run planning: where every actor would go on a cluster, and how much GPU memory each process needs.
+
+`dry_run=true` reserves placement on the Ray cluster it joins and prints it; with
+`topology.plan_nodes` it plans for a cluster that is not there (a 64-GPU layout on a laptop): each
+actor's bundles go first-fit onto the described nodes, honouring custom resources, and a
+tensor-parallel engine's bundles stay on one node (STRICT_PACK), as on a real cluster.
+
+The memory estimate per GPU process, from the model's config alone (no weights are read):
+- learner rank (FSDP2, fp32 master weights, AdamW): (4 weights + 4 grads + 8 Adam moments) bytes ×
+  parameters / ranks, + 4 bytes × parameters / ranks for a frozen reference (KL > 0), + activations
+  of one micro-batch (`learner.micro_batch_tokens` × hidden × layers × 34 bytes; 2 bytes with
+  gradient checkpointing) + its logits (tokens × vocabulary × 10 bytes: bf16 logits, fp32 copy and
+  log-softmax) — the logits term is what a large vocabulary makes dominant;
+- engine worker: its weights (engine dtype, split over tensor parallelism); vLLM takes
+  `rollout.gpu_memory_utilization` of the GPU and the rest of that share, less ~1 GiB of activations,
+  is KV cache.
+It is an estimate to catch layouts that cannot fit, not a profile.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestration.config import ConfigError, role_bundle
+
+GIB = 1 << 30
+ENGINE_OVERHEAD_GIB = 1.0
+LOW_KV_CACHE_GIB = 2.0
+
+
+@dataclass
+class Node:
+    name: str
+    free: dict[str, float]  # resources left
+    actors: list[tuple[str, int, str]] = field(default_factory=list)  # (role, index, resources)
+
+    def summary(self) -> str:
+        """`rollout 0-3 (GPU=2, ... each); reward 0 (CPU=1)`: runs of one role with equal resources."""
+        runs: list[list] = []
+        for role, i, res in self.actors:
+            if runs and runs[-1][0] == role and runs[-1][3] == res and runs[-1][2] == i - 1:
+                runs[-1][2] = i
+            else:
+                runs.append([role, i, i, res])
+        return "; ".join(f"{role} {a}" + (f"-{b} ({res} each)" if b > a else f" ({res})") for role, a, b, res in runs)
+
+
+def parse_nodes(specs: list[str]) -> list[Node]:
+    """Per entry `COUNTxGPUS[@label][:key=amount,...]`: `6x8@rollout_node` is six 8-GPU nodes with
+    the custom resource rollout_node=8 each; `"2x8:cpu=96,learner_node=8"` spells resources out."""
+    nodes = []
+    for spec in specs:
+        m = re.fullmatch(r"(\d+)x(\d+)(?:@(\w+))?(?::(.*))?", spec.strip())
+        if not m:
+            raise ConfigError(f"topology.plan_nodes entry {spec!r} is not COUNTxGPUS[@label][:resource=amount,...]")
+        extra = {m.group(3): float(m.group(2))} if m.group(3) else {}
+        for item in filter(None, (m.group(4) or "").split(",")):
+            key, _, value = item.partition("=")
+            extra["CPU" if key == "cpu" else key] = float(value)
+        for _ in range(int(m.group(1))):
+            nodes.append(Node(f"node{len(nodes)}", {"CPU": math.inf, "GPU": float(m.group(2)), **extra}))
+    return nodes
+
+
+def actor_bundles(cfg: Any, role: str) -> list[list[dict[str, float]]]:
+    """Per actor of a role, the bundles it reserves (TP engines: one one-GPU bundle per worker)."""
+    count, bundle = role_bundle(cfg, role)
+    if role == "rollout" and cfg.rollout.tensor_parallel_size > 1:
+        from orchestration.cluster import tp_engine_bundles
+
+        return [tp_engine_bundles(cfg) for _ in range(count)]
+    return [[dict(bundle)] for _ in range(count)]
+
+
+def place_on(cfg: Any, nodes: list[Node], roles: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    """(role, index, node) per actor, first fit; an actor's bundles share one node."""
+    rows = []
+    for role in roles:
+        for i, bundles in enumerate(actor_bundles(cfg, role)):
+            need: dict[str, float] = {}
+            for b in bundles:
+                for k, v in b.items():
+                    need[k] = need.get(k, 0.0) + v
+            node = next((n for n in nodes if all(n.free.get(k, 0.0) >= v - 1e-9 for k, v in need.items())), None)
+            if node is None:
+                raise ConfigError(f"{role} {i} ({_fmt(need)}) fits on none of the planned nodes "
+                                  f"(topology.plan_nodes={list(cfg.topology.plan_nodes)})")
+            for k, v in need.items():
+                node.free[k] -= v
+            node.actors.append((role, i, _fmt(need)))
+            rows.append((role, i, node.name))
+    return rows
+
+
+def model_shape(path: str) -> dict[str, int] | None:
+    """Parameters, hidden size, layers and vocabulary from the model's config (None if unreadable:
+    a hub id without network, say). Built on the meta device: nothing is allocated."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from orchestration.models import resolve_model_path
+
+        config = AutoConfig.from_pretrained(resolve_model_path(path) if path.startswith("builtin:") else path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:
+        return None
+    return {"params": sum(p.numel() for p in model.parameters()), "hidden": config.hidden_size,
+            "layers": config.num_hidden_layers, "vocab": config.vocab_size}
+
+
+def memory_estimate(cfg: Any, shape: dict[str, int]) -> list[tuple[str, dict[str, float], str]]:
+    """(process, {part: GiB}, warning or "") for a learner rank and an engine worker on GPUs."""
+    t, r, l = cfg.topology, cfg.rollout, cfg.learner
+    p, gpu = shape["params"], t.gpu_memory_gb * 1e9 / GIB
+    out = []
+    if t.learner_gpus > 0:
+        tokens = l.micro_batch_tokens
+        act = tokens * shape["hidden"] * shape["layers"] * (2 if cfg.model.gradient_checkpointing else 34)
+        parts = {"weights+grads+adam": 16 * p / l.num_ranks / GIB,
+                 "reference": (4 * p / l.num_ranks if cfg.algo.kl_coef > 0 else 0) / GIB,
+                 "activations": act / GIB, "logits": tokens * shape["vocab"] * 10 / GIB}
+        total = sum(parts.values())
+        warn = f"needs ~{total:.0f} GiB of a {gpu:.0f} GiB GPU: add ranks or lower learner.micro_batch_tokens" \
+            if total > 0.9 * gpu else ""
+        out.append(("learner rank", parts, warn))
+    if t.rollout_gpus > 0:
+        wire = 4 if (cfg.model.dtype == "float32") else 2
+        weights = wire * p / r.tensor_parallel_size / GIB
+        kv = r.gpu_memory_utilization * gpu - weights - ENGINE_OVERHEAD_GIB
+        warn = "" if kv >= LOW_KV_CACHE_GIB else (
+            f"{kv:.1f} GiB left for KV cache: raise rollout.gpu_memory_utilization or tensor_parallel_size")
+        out.append(("engine worker", {"weights": weights, "kv_cache": max(kv, 0.0)}, warn))
+    return out
+
+
+def describe_plan(cfg: Any, roles: tuple[str, ...]) -> str:
+    """The dry run's report for `topology.plan_nodes`: per node its actors, then the memory estimate."""
+    nodes = parse_nodes(list(cfg.topology.plan_nodes))
+    place_on(cfg, nodes, roles)
+    lines = [f"{n.name}: {n.summary()}" for n in nodes if n.actors]
+    idle = [n.name for n in nodes if not n.actors]
+    if idle:
+        lines.append(f"idle: {', '.join(idle)}")
+    return "\n".join(lines + [""] + memory_lines(cfg))
+
+
+def memory_lines(cfg: Any) -> list[str]:
+    """The GPU memory estimate as text (nothing for a CPU-only topology)."""
+    if cfg.topology.rollout_gpus == 0 and cfg.topology.learner_gpus == 0:
+        return []
+    shape = model_shape(cfg.model.path)
+    if shape is None:
+        return [f"GPU memory estimate: no config.json readable for {cfg.model.path}"]
+    lines = [f"GPU memory per process, estimated for {shape['params'] / 1e9:.2f}B parameters on "
+             f"{cfg.topology.gpu_memory_gb:g} GB GPUs:"]
+    for name, parts, warn in memory_estimate(cfg, shape):
+        detail = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if v)
+        lines.append(f"  {name:<14} {sum(parts.values()):6.1f} GiB  ({detail})")
+        if warn:
+            lines.append(f"  WARNING {name}: {warn}")
+    return lines
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in res.items() if v)
