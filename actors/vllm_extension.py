@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from learner.weights import BroadcastTransport, TensorSpec, checksum, plan_buckets, unpack
+from learner.weights import TensorSpec, checksum, make_transport, plan_buckets, unpack
 
 
 class WeightSyncExtension:
@@ -31,7 +31,7 @@ class WeightSyncExtension:
         element_size = torch.empty((), dtype=self._wire_dtype).element_size()
         self._buckets = plan_buckets(specs, bucket_bytes, element_size)
         rank = rank_offset + self.rank
-        self._weight_transport = BroadcastTransport(host, port, rank, world_size, backend, generation, timeout_s)
+        self._weight_transport = make_transport(backend, host, port, rank, world_size, generation, timeout_s)
         return rank
 
     def receive_weights(self) -> list[tuple[int, int]]:

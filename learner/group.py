@@ -39,6 +39,12 @@ class LearnerGroup:
         parts = ray.get([getattr(w, method).remote(padded.shard(r, n), *args) for r, w in enumerate(self.workers)])
         return [x for part in parts for x in part][:len(batch)]
 
+    def offload(self) -> list[str]:
+        return ray.get([w.offload.remote() for w in self.workers])
+
+    def reload(self) -> list[str]:
+        return ray.get([w.reload.remote() for w in self.workers])
+
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
         return ray.get(self.workers[0].weight_manifest.remote())
 

@@ -7,7 +7,9 @@ integer checksum of every buffer it sent or received; the driver compares them, 
 stale transfer is an error, never a silently stale engine.
 
 The group is a dedicated torch.distributed process group built from a TCPStore, independent of
-either side's default group: gloo on CPU, NCCL on GPU — the same code path on both. A group is
+either side's default group: gloo on CPU, NCCL on GPU — the same code path on both. Colocated
+processes (an engine and a learner rank on one device) use `SharedTransport` instead: the same
+send/recv of flat buffers through shared memory (CUDA IPC on GPU), with the TCPStore as mailbox. A group is
 named by a generation, so it can be rebuilt with a different membership (an actor replaced,
 added or removed) without touching the learner's own world.
 """
@@ -169,3 +171,57 @@ class BroadcastTransport(WeightTransport):
             self.group.abort()
         self.group = None
         self.store = None
+
+
+class SharedTransport(WeightTransport):
+    """Between processes on one device (colocated engine and learner): no collective library.
+
+    The sender shares each buffer through torch's own tensor pickling — a CUDA IPC handle on GPU,
+    a shared-memory file on CPU — and posts the handle in the group's TCPStore; every receiver
+    copies the buffer out and acknowledges before `send` returns (the sender may then free it).
+    Receivers must see the sender's device: colocated processes on one GPU do."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, generation: int = 0,
+                 timeout_s: float = 300.0):
+        import torch.distributed as dist
+        import torch.multiprocessing
+
+        torch.multiprocessing.set_sharing_strategy("file_system")  # files any local process can open
+        self.timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=self.timeout)
+        self.store = dist.PrefixStore(f"raygrpo-shared-{generation}", store)
+        self._root_store = store  # the master must outlive the prefix view
+        self.rank, self.world_size, self.count = rank, world_size, 0
+
+    def send(self, buf: torch.Tensor) -> None:
+        from multiprocessing.reduction import ForkingPickler
+
+        assert self.rank == 0, "only rank 0 sends"
+        shared = buf if buf.is_cuda else buf.share_memory_()
+        key, self.count = f"bucket/{self.count}", self.count + 1
+        self.store.set(key, bytes(ForkingPickler.dumps(shared)))
+        self.store.wait([f"{key}/done/{r}" for r in range(1, self.world_size)], self.timeout)
+        self.store.delete_key(key)
+
+    def recv(self, buf: torch.Tensor) -> None:
+        import pickle
+
+        key, self.count = f"bucket/{self.count}", self.count + 1
+        self.store.wait([key], self.timeout)
+        shared = pickle.loads(self.store.get(key))
+        buf.copy_(shared)
+        if buf.is_cuda:
+            torch.cuda.current_stream(buf.device).synchronize()
+        del shared
+        self.store.set(f"{key}/done/{self.rank}", b"1")
+
+    def close(self) -> None:
+        self.store = self._root_store = None
+
+
+def make_transport(backend: str, host: str, port: int, rank: int, world_size: int, generation: int = 0,
+                   timeout_s: float = 300.0) -> WeightTransport:
+    """`gloo` / `nccl`: a broadcast group; `shared`: shared memory between colocated processes."""
+    if backend == "shared":
+        return SharedTransport(host, port, rank, world_size, generation, timeout_s)
+    return BroadcastTransport(host, port, rank, world_size, backend, generation, timeout_s)

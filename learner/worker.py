@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from learner.batch import TrainBatch, micro_batches, pad
 from learner.objectives import Micro
-from learner.weights import BroadcastTransport, TensorSpec, checksum, pack, plan_buckets
+from learner.weights import TensorSpec, WeightTransport, checksum, make_transport, pack, plan_buckets
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ class LearnerWorker:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(warmup_steps, schedule, total_steps * num_minibatches))
-        self.transport: BroadcastTransport | None = None
+        self.transport: WeightTransport | None = None
 
     def _load(self, path: str, mixed_precision: bool, checkpointing: bool, trainable: bool):
         """The model, FSDP2-sharded: rank 0 reads the checkpoint, the other ranks build it on the meta
@@ -217,6 +217,31 @@ class LearnerWorker:
         self.scheduler.step()
         return norm
 
+    # ---------------------------------------------------------------- colocation
+
+    def offload(self) -> str:
+        """Move weights, gradients and optimizer state to host memory (colocated engines generate
+        meanwhile); a no-op on CPU. Returns where the weights are."""
+        self._move(torch.device("cpu"))
+        return str(next(self.model.parameters()).device)
+
+    def reload(self) -> str:
+        """Back onto this rank's device before training; returns where the weights are."""
+        self._move(self.device)
+        return str(next(self.model.parameters()).device)
+
+    def _move(self, device: torch.device) -> None:
+        if self.device.type == "cpu":
+            return
+        for model in filter(None, (self.model, self.ref)):
+            model.to(device)
+        for state in self.optimizer.state.values():
+            for k, v in state.items():
+                if torch.is_tensor(v):
+                    state[k] = v.to(device, non_blocking=True)
+        if device.type == "cpu":
+            torch.cuda.empty_cache()
+
     # ---------------------------------------------------------------- weights out
 
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -224,24 +249,31 @@ class LearnerWorker:
         return [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
 
     def join_weight_group(self, host: str, port: int, world_size: int, generation: int, timeout_s: float,
-                          backend: str, dtype: str, bucket_bytes: int) -> None:
-        """Rank 0 joins the broadcast group as its root; other ranks only remember the plan."""
+                          backend: str, dtype: str, bucket_bytes: int, roots: list[str] | None = None) -> None:
+        """Rank 0 joins the broadcast group as its root, other ranks only remember the plan; with
+        `roots` (shared memory, colocated) rank r is the root of its own pair at `roots[r]`."""
         self.wire_dtype = getattr(torch, dtype)
         element_size = torch.empty((), dtype=self.wire_dtype).element_size()
         self.buckets = plan_buckets([TensorSpec(n, s) for n, s in self.weight_manifest()], bucket_bytes, element_size)
-        if self.rank == 0:
-            if self.transport is not None:
-                self.transport.close()
-            self.transport = BroadcastTransport(host, port, 0, world_size, backend, generation, timeout_s)
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        if roots is not None:
+            if self.rank >= len(roots) or not roots[self.rank]:
+                return
+            host, port = roots[self.rank].rsplit(":", 1)
+        elif self.rank != 0:
+            return
+        self.transport = make_transport(backend, host, int(port), 0, world_size, generation, timeout_s)
 
     def broadcast_weights(self) -> list[tuple[int, int]]:
-        """Gather full tensors bucket by bucket (all ranks) and broadcast them from rank 0."""
+        """Gather full tensors bucket by bucket (all ranks); the ranks holding a transport send them."""
         params = dict(self.model.named_parameters())
         sums = []
         with torch.no_grad():
             for bucket in self.buckets:
                 full = [_full(params[spec.name]) for spec in bucket]
-                if self.rank == 0:
+                if self.transport is not None:
                     buf = pack(full, sum(s.numel for s in bucket), self.wire_dtype, self.device)
                     self.transport.send(buf)
                     sums.append(checksum(buf))

@@ -78,12 +78,18 @@ class Placement:
 
 
 def place(cfg: Any, roles: tuple[str, ...] = ROLES, timeout_s: float = 60.0) -> Placement:
-    """Reserve placement groups (one per role; one per engine for tensor-parallel engines) before any
-    actor starts; raise ConfigError if the cluster cannot hold them."""
+    """Reserve placement groups (one per role; one per engine for tensor-parallel engines; one for
+    colocated engine/learner pairs) before any actor starts; raise ConfigError if the cluster
+    cannot hold them."""
     validate_resources(cfg, ray.cluster_resources(), roles)
     node_ip = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     placement = Placement({}, {}, {}, [])
+    colocated = cfg.topology.colocate and {"rollout", "learner"} <= set(roles)
+    if colocated:
+        _place_colocated(cfg, placement, node_ip, timeout_s)
     for role in roles:
+        if colocated and role in ("rollout", "learner"):
+            continue
         if role == "rollout" and cfg.rollout.tensor_parallel_size > 1:
             _place_tp_engines(cfg, placement, node_ip, timeout_s)
             continue
@@ -118,6 +124,21 @@ def _place_tp_engines(cfg: Any, placement: Placement, node_ip: dict[str, str], t
                                                                               placement_group_capture_child_tasks=True)})
         placement.reserved["rollout"].append({k: sum(b.get(k, 0.0) for b in spec) for k in spec[0]})
         placement.engine_bundles.append(list(range(len(spec))))
+
+
+def _place_colocated(cfg: Any, placement: Placement, node_ip: dict[str, str], timeout_s: float) -> None:
+    """One bundle per (engine i, learner rank i): both actors in it, sharing its GPU (if any)."""
+    _, engine = role_bundle(cfg, "rollout")
+    _, rank = role_bundle(cfg, "learner")
+    pair = {k: engine.get(k, 0.0) + rank.get(k, 0.0) for k in {**engine, **rank}}
+    spec = [dict(pair) for _ in range(cfg.rollout.num_actors)]
+    pg = _reserve(spec, cfg.topology.strategy, "raygrpo-colocated", timeout_s)
+    where = [node_ip.get(n, "?") for n in _bundle_nodes(pg, len(spec))]
+    for role, bundle in (("rollout", engine), ("learner", rank)):
+        placement.options[role] = [_actor_options(pg, i, bundle) for i in range(len(spec))]
+        placement.nodes[role] = list(where)
+        placement.reserved[role] = [dict(bundle) for _ in spec]
+    placement.engine_bundles = [[] for _ in spec]
 
 
 def _reserve(spec: list[dict[str, float]], strategy: str, name: str, timeout_s: float):

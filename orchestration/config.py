@@ -212,6 +212,12 @@ class TopologyConfig:
     """Extra custom Ray resources per learner rank."""
     strategy: str = "PACK"
     """Placement-group strategy for each pool: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+    colocate: bool = False
+    """Engine i and learner rank i share one bundle (one GPU: rollout_gpus + learner_gpus <= 1).
+    Engines sleep while the learner trains, the learner offloads while engines generate, and
+    weights move through shared memory (CUDA IPC on GPU), not a broadcast. Needs
+    rollout.num_actors == learner.num_ranks and tensor_parallel_size 1. On CPU sleep and offload
+    are no-ops and the same control flow runs."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU, for the dry run's per-process estimate (80: A100/H100 80 GB; 141: H200)."""
     plan_nodes: list[str] = field(default_factory=list)
@@ -228,8 +234,9 @@ class SyncConfig:
     timeout_s: float = 300.0
     """Deadline for one weight sync (and for joining the broadcast group)."""
     backend: str = "auto"
-    """Broadcast backend: `auto` (NCCL when rollout and learner both have GPUs, gloo when neither
-    has; one side alone is an error), `gloo`, `nccl`."""
+    """Weight transport: `auto` (`shared` when colocated, else NCCL when rollout and learner both
+    have GPUs, gloo when neither has; one side alone is an error), `gloo`, `nccl`, `shared`
+    (shared memory / CUDA IPC between colocated processes)."""
 
 
 @dataclass
@@ -386,7 +393,8 @@ def validate(cfg: Any) -> None:
     _check(cfg.logger.samples_every_n_steps >= 0,
            f"logger.samples_every_n_steps must be >= 0, got {cfg.logger.samples_every_n_steps}")
     _check(cfg.sync.bucket_mb >= 1, f"sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
-    _check(cfg.sync.backend in ("auto", "gloo", "nccl"), f"sync.backend must be auto, gloo or nccl, got {cfg.sync.backend!r}")
+    _check(cfg.sync.backend in ("auto", "gloo", "nccl", "shared"),
+           f"sync.backend must be auto, gloo, nccl or shared, got {cfg.sync.backend!r}")
     _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"),
            f"logger.wandb.mode must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
     _check(cfg.logger.wandb.mode != "online" or bool(os.environ.get("WANDB_API_KEY")),
@@ -424,6 +432,8 @@ def sync_backend(cfg: Any) -> str:
     """The weight-broadcast backend: `sync.backend`, or for `auto` NCCL when both sides have GPUs."""
     if cfg.sync.backend != "auto":
         return cfg.sync.backend
+    if cfg.topology.colocate:
+        return "shared"
     return "nccl" if cfg.topology.rollout_gpus > 0 and cfg.topology.learner_gpus > 0 else "gloo"
 
 
@@ -434,6 +444,10 @@ def validate_gpus(cfg: Any) -> None:
     t, r = cfg.topology, cfg.rollout
     tp, gpus = r.tensor_parallel_size, t.rollout_gpus
     _check(tp >= 1, f"rollout.tensor_parallel_size must be >= 1, got {tp}")
+    _check(sync_backend(cfg) != "shared" or t.colocate, "sync.backend=shared needs topology.colocate=true")
+    if t.colocate:
+        validate_colocation(cfg)
+        return
     _check(t.learner_gpus in (0, 1), f"topology.learner_gpus must be 0 or 1 (one whole GPU per learner rank: "
                                      f"an NCCL rank cannot share or span GPUs), got {t.learner_gpus:g}")
     _check(tp == 1 or gpus == tp, f"rollout.tensor_parallel_size={tp} needs topology.rollout_gpus={tp} "
@@ -456,6 +470,20 @@ def validate_gpus(cfg: Any) -> None:
                f"{per_gpu} engines share each GPU (topology.rollout_gpus={gpus:g}) at rollout.gpu_memory_utilization="
                f"{r.gpu_memory_utilization:g}: {per_gpu * r.gpu_memory_utilization:.2f} of a GPU; lower it to "
                f"{0.95 / per_gpu:.2f} or below")
+
+
+def validate_colocation(cfg: Any) -> None:
+    """Colocated: one engine per learner rank, each pair in one bundle (one GPU at most)."""
+    t, r, l = cfg.topology, cfg.rollout, cfg.learner
+    _check(r.num_actors == l.num_ranks, f"topology.colocate pairs each engine with a learner rank: "
+                                        f"rollout.num_actors ({r.num_actors}) must equal learner.num_ranks ({l.num_ranks})")
+    _check(r.tensor_parallel_size == 1, "topology.colocate needs rollout.tensor_parallel_size=1")
+    _check(sync_backend(cfg) in ("shared", "gloo"), "topology.colocate moves weights with sync.backend=shared "
+                                                    "(or gloo); NCCL cannot join two processes on one GPU")
+    gpus = (t.rollout_gpus, t.learner_gpus)
+    _check(all(g == 0 for g in gpus) or (all(g > 0 for g in gpus) and sum(gpus) <= 1),
+           f"topology.colocate shares one GPU per pair: topology.rollout_gpus + topology.learner_gpus must be <= 1 "
+           f"with both > 0 (e.g. 0.5 and 0.5), or both 0 on CPU; got {gpus[0]:g} and {gpus[1]:g}")
 
 
 ALL_ROLES = ("rollout", "learner", "reward")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
+import ray
 import torch
 from omegaconf import OmegaConf
 
@@ -35,6 +37,24 @@ class Actors:
     rewards: RewardPool
     learner: LearnerGroup
     sync: WeightSync
+    colocated: bool = False  # engine i and learner rank i share a device
+
+    def to_learner(self) -> None:
+        """Colocated: the engines sleep and the learner takes the device back (no-op otherwise)."""
+        if self.colocated:
+            ray.get(self.rollout.call("sleep"))
+            self.learner.reload()
+
+    @contextmanager
+    def handover(self) -> Iterator[None]:
+        """Colocated: engines take their weights back for the sync; then the learner leaves the
+        device and the engines rebuild their KV cache."""
+        if self.colocated:
+            ray.get(self.rollout.call("wake_up", ["weights"]))
+        yield
+        if self.colocated:
+            self.learner.offload()
+            ray.get(self.rollout.call("wake_up", ["kv_cache"]))
 
 
 def engine_dtype(cfg: Any) -> str:
@@ -47,7 +67,8 @@ def start_rollout(cfg: Any, placement: Placement) -> RolloutPool:
     """The engines; each resolves `model.path` on its own node."""
     r = cfg.rollout
     return RolloutPool.start(placement.options["rollout"], cfg.model.path, r.timeout_s, placement.engine_bundles,
-                             gpu=cfg.topology.rollout_gpus > 0, dtype=engine_dtype(cfg), seed=cfg.seed,
+                             gpu=cfg.topology.rollout_gpus > 0, colocated=cfg.topology.colocate,
+                             dtype=engine_dtype(cfg), seed=cfg.seed,
                              max_model_len=cfg.model.max_model_len, max_prompt_tokens=r.max_prompt_tokens,
                              tensor_parallel_size=r.tensor_parallel_size,
                              gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
@@ -71,7 +92,9 @@ def start_actors(cfg: Any, placement: Placement) -> Actors:
     sync = WeightSync(learner, rollout, backend=sync_backend(cfg), dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
                       timeout_s=cfg.sync.timeout_s, workers_per_engine=r.tensor_parallel_size)
     sync.connect()
-    return Actors(rollout, rewards, learner, sync)
+    if cfg.topology.colocate:
+        learner.offload()  # the engines generate first
+    return Actors(rollout, rewards, learner, sync, colocated=cfg.topology.colocate)
 
 
 def eval_settings(cfg: Any) -> SimpleNamespace:
@@ -105,9 +128,10 @@ def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task) -> tuple[Eval
             pending = {}
             continue
         with timer("learner"):
+            actors.to_learner()
             batch, rewards, padded = make_batch(cfg, sampled, actors.learner)
             learner_metrics = actors.learner.train_step(batch)
-        with timer("sync"):
+        with timer("sync"), actors.handover():
             if actors.rollout.needs_resync:
                 actors.sync.connect()
             actors.sync.push(step + 1)

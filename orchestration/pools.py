@@ -38,6 +38,7 @@ class RolloutPool:
     def __init__(self, actors: list, timeout_s: float):
         """Wrap running rollout actors (see `start`)."""
         self.actors = list(actors)
+        self.slots = list(range(len(self.actors)))  # each live actor's placement index (its colocated rank)
         self.timeout_s = timeout_s
         self.lost = 0  # actors dropped so far
         self.needs_resync = False
@@ -82,6 +83,7 @@ class RolloutPool:
         return result
 
     def _drop(self, actor) -> None:
+        del self.slots[self.actors.index(actor)]
         self.actors.remove(actor)
         ray.kill(actor, no_restart=True)
         self.lost += 1

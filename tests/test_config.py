@@ -175,6 +175,10 @@ BAD = [
     (["topology=gpu_pools", "topology.learner_gpus=0"], r"only the rollout side has GPUs, so sync\.backend=auto"),
     (["topology=gpu_pools", "topology.rollout_gpus=0"], r"only the learner side has GPUs"),
     (["topology=gpu_pools", "topology.learner_gpus=0", "sync.backend=nccl"], r"sync\.backend=nccl needs GPUs on both"),
+    (["sync.backend=shared"], r"sync\.backend=shared needs topology\.colocate=true"),
+    (["topology.colocate=true", "learner.num_ranks=2"], r"rollout\.num_actors \(1\) must equal learner\.num_ranks \(2\)"),
+    (["topology.colocate=true", "sync.backend=nccl"], r"NCCL cannot join two processes on one GPU"),
+    (["topology=gpu_pools", "topology.colocate=true"], r"rollout_gpus \+ topology\.learner_gpus must be <= 1"),
     (["topology.strategy=RANDOM"], r"topology\.strategy"),
 ]
 
@@ -214,6 +218,8 @@ def _with_reward(cfg, name: str, weight: float):
     ["topology=gpu_pools", "rollout=gpu", "learner=gpu", "rollout.tensor_parallel_size=2", "topology.rollout_gpus=2"],
     ["topology=gpu_pools", "topology.rollout_gpus=0.5", "sync.backend=gloo", "rollout.gpu_memory_utilization=0.45"],
     ["topology=gpu_pools", "topology.learner_gpus=0", "sync.backend=gloo"],
+    ["topology=gpu_pools", "topology.colocate=true", "topology.rollout_gpus=0.4", "topology.learner_gpus=0.6"],
+    ["experiment=smoke", "topology.colocate=true"],
 ])
 def test_validate_accepts_workable_gpu_topologies(overrides):
     validate(make_cfg(*overrides))
@@ -225,6 +231,7 @@ def test_sync_backend_auto():
     assert sync_backend(make_cfg()) == "gloo"
     assert sync_backend(make_cfg("topology=gpu_pools")) == "nccl"
     assert sync_backend(make_cfg("topology=gpu_pools", "sync.backend=gloo")) == "gloo"
+    assert sync_backend(make_cfg("topology.colocate=true")) == "shared"
 
 
 def test_validate_accepts_hub_id_and_user_reward():

@@ -1,6 +1,8 @@
-"""End to end on the user's own data: the smoke topology trained on a small JSONL file (with bad
-rows, chat prompts and a metadata column), a custom reward given on the command line, held-out
-evaluation on a val file, and the samples table."""
+"""End to end on the user's own data, colocated: the smoke topology (2 engines, 2 learner ranks, in
+pairs on shared bundles: engines sleep while the learner trains, the learner offloads while they
+generate — no-ops on CPU — and weights move through shared memory) trained on a small JSONL file
+(with bad rows, chat prompts and a metadata column), a custom reward given on the command line,
+held-out evaluation on a val file, and the samples table."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def test_smoke_run_on_a_jsonl_file(tmp_path, cache_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "orchestration", "experiment=smoke", f"output_dir={out}", "logger.progress=false",
          f"data.train_files=[{train}]", f"data.val_files=[{val}]", f"+reward.functions={{{CUSTOM}: 0.01}}",
-         "logger.samples_every_n_steps=1", "logger.samples_prompts=1", "eval.pass_k=1"],
+         "logger.samples_every_n_steps=1", "logger.samples_prompts=1", "eval.pass_k=1", "topology.colocate=true"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train.jsonl: skipped 2 bad rows (line 4: not valid JSON" in proc.stdout  # Hydra logs to stdout
@@ -46,7 +48,10 @@ def test_smoke_run_on_a_jsonl_file(tmp_path, cache_dir):
     assert [r["step"] for r in rows] == [0, 1, 2] and "reward/mean" not in rows[2]
     assert rows[0]["data/skipped_rows"] == 2 and rows[0]["data/train_rows"] == 6 and "data/skipped_rows" not in rows[1]
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2]
-    assert all(r["learner/logprob_mismatch"] < 1e-3 for r in rows[:2])
+    assert all(r["learner/logprob_mismatch"] < 1e-3 for r in rows[:2])  # weights arrived through shared memory
+    placement = json.loads((out / "placement.json").read_text())
+    assert placement["rollout"][0]["resources"] == {"CPU": 1.0} == placement["learner"][0]["resources"]
+    assert json.loads((out / "config.json").read_text())["topology"]["colocate"] is True
     assert 0 < rows[0][f"reward/{CUSTOM}"] <= 6  # the metadata column reached the user's reward
 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -16,6 +16,7 @@ from learner.weights import (
     TensorSpec,
     checksum,
     checksums_match,
+    make_transport,
     pack,
     plan_buckets,
     unpack,
@@ -201,9 +202,9 @@ def _sender_buffers() -> list[torch.Tensor]:
     return [torch.randn(n, generator=g).to(dtype) for n, dtype in BUFFERS]
 
 
-def _receiver(port: int, rank: int, world_size: int, queue) -> None:
+def _receiver(port: int, rank: int, world_size: int, queue, backend: str) -> None:
     try:
-        t = BroadcastTransport("127.0.0.1", port, rank, world_size, "gloo", generation=1, timeout_s=60)
+        t = make_transport(backend, "127.0.0.1", port, rank, world_size, generation=1, timeout_s=60)
         sums, values = [], []
         for numel, dtype in BUFFERS:
             buf = torch.zeros(numel, dtype=dtype)
@@ -216,15 +217,18 @@ def _receiver(port: int, rank: int, world_size: int, queue) -> None:
         queue.put((rank, None, None, repr(e)))
 
 
-def test_broadcast_gloo_two_receivers():
+@pytest.mark.parametrize("backend", ["gloo", "shared"])
+def test_transport_to_two_receivers(backend):
+    """The broadcast group (gloo; NCCL on GPU) and shared memory (CUDA IPC on GPU) deliver the same
+    bits through the same interface."""
     ctx = mp.get_context("spawn")
     port, world = _free_port(), 3
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_receiver, args=(port, r, world, queue), daemon=True) for r in (1, 2)]
+    procs = [ctx.Process(target=_receiver, args=(port, r, world, queue, backend), daemon=True) for r in (1, 2)]
     for p in procs:
         p.start()
     try:
-        sender = BroadcastTransport("127.0.0.1", port, 0, world, "gloo", generation=1, timeout_s=60)
+        sender = make_transport(backend, "127.0.0.1", port, 0, world, generation=1, timeout_s=60)
         bufs = _sender_buffers()
         sent = []
         for buf in bufs:
