@@ -144,6 +144,10 @@ class LearnerConfig:
     micro_batch_tokens: int = 4096
     """Token budget of one forward/backward micro-batch (padded tokens). Bounds activation and
     logit memory; gradients accumulate so one optimizer step still sees its whole mini-batch."""
+    logits_chunk_tokens: int = 4096
+    """Positions whose fp32 log-softmax is computed at once, under activation checkpointing: the
+    learner keeps only the model's own logits for backward (0: all at once; a 150k vocabulary at
+    16k tokens per micro-batch would otherwise hold ~20 GB of fp32 copies)."""
     num_minibatches: int = 1
     """Optimizer steps per rollout batch. 1 is strictly on-policy; >1 recomputes old logprobs
     with the learner before the first step."""
@@ -379,6 +383,7 @@ def validate(cfg: Any) -> None:
     _check(a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
            f"algo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {a.loss_agg!r}")
     _check(l.lr > 0, f"learner.lr must be > 0, got {l.lr}")
+    _check(l.logits_chunk_tokens >= 0, f"learner.logits_chunk_tokens must be >= 0, got {l.logits_chunk_tokens}")
     _check(l.schedule in ("constant", "cosine"), f"learner.schedule must be constant or cosine, got {l.schedule!r}")
     _check(l.micro_batch_tokens >= r.max_prompt_tokens + r.max_new_tokens,
            f"learner.micro_batch_tokens ({l.micro_batch_tokens}) must hold one full sequence "

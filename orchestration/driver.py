@@ -88,7 +88,8 @@ def start_actors(cfg: Any, placement: Placement) -> Actors:
         total_steps=cfg.steps, grad_clip=l.grad_clip, micro_batch_tokens=l.micro_batch_tokens,
         num_minibatches=l.num_minibatches, temperature=r.temperature, mixed_precision=l.mixed_precision,
         gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
-        cpu_threads=max(1, int(cfg.topology.learner_cpus)), reference=a.kl_in == "reward" and a.kl_coef > 0)
+        cpu_threads=max(1, int(cfg.topology.learner_cpus)), reference=a.kl_in == "reward" and a.kl_coef > 0,
+        logits_chunk=l.logits_chunk_tokens)
     sync = WeightSync(learner, rollout, backend=sync_backend(cfg), dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
                       timeout_s=cfg.sync.timeout_s, workers_per_engine=r.tensor_parallel_size)
     sync.connect()

@@ -9,8 +9,9 @@ The memory estimate per GPU process, from the model's config alone (no weights a
 - learner rank (FSDP2, fp32 master weights, AdamW): (4 weights + 4 grads + 8 Adam moments) bytes ×
   parameters / ranks, + 4 bytes × parameters / ranks for a frozen reference (KL > 0), + activations
   of one micro-batch (`learner.micro_batch_tokens` × hidden × layers × 34 bytes; 2 bytes with
-  gradient checkpointing) + its logits (tokens × vocabulary × 10 bytes: bf16 logits, fp32 copy and
-  log-softmax) — the logits term is what a large vocabulary makes dominant;
+  gradient checkpointing) + its logits (tokens × vocabulary × 2 bytes of bf16 logits kept for
+  backward, and 12 bytes per element of one `learner.logits_chunk_tokens` chunk of fp32 log-softmax
+  work) — with a large vocabulary and no chunking this term dominates;
 - engine worker: its weights (engine dtype, split over tensor parallelism); vLLM takes
   `rollout.gpu_memory_utilization` of the GPU and the rest of that share, less ~1 GiB of activations,
   is KV cache.
@@ -123,7 +124,7 @@ def memory_estimate(cfg: Any, shape: dict[str, int]) -> list[tuple[str, dict[str
         act = tokens * shape["hidden"] * shape["layers"] * (2 if cfg.model.gradient_checkpointing else 34)
         parts = {"weights+grads+adam": 16 * p / l.num_ranks / GIB,
                  "reference": (4 * p / l.num_ranks if cfg.algo.kl_coef > 0 else 0) / GIB,
-                 "activations": act / GIB, "logits": tokens * shape["vocab"] * 10 / GIB}
+                 "activations": act / GIB, "logits": logits_bytes(cfg, tokens, shape["vocab"]) / GIB}
         total = sum(parts.values())
         warn = f"needs ~{total:.0f} GiB of a {gpu:.0f} GiB GPU: add ranks or lower learner.micro_batch_tokens" \
             if total > 0.9 * gpu else ""
@@ -136,6 +137,13 @@ def memory_estimate(cfg: Any, shape: dict[str, int]) -> list[tuple[str, dict[str
             f"{kv:.1f} GiB left for KV cache: raise rollout.gpu_memory_utilization or tensor_parallel_size")
         out.append(("engine worker", {"weights": weights, "kv_cache": max(kv, 0.0)}, warn))
     return out
+
+
+def logits_bytes(cfg: Any, tokens: int, vocab: int) -> float:
+    """The model's bf16 logits of a micro-batch, kept for backward, plus fp32 log-softmax work for
+    one chunk of `learner.logits_chunk_tokens` positions (or all of them: 0)."""
+    chunk = cfg.learner.logits_chunk_tokens or tokens
+    return tokens * vocab * 2 + min(chunk, tokens) * vocab * 12
 
 
 def describe_plan(cfg: Any, roles: tuple[str, ...]) -> str:

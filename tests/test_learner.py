@@ -23,7 +23,7 @@ def make_group(ray, tiny_model, objective, lr):
 
     opts = [{"num_cpus": 1}] * 2
     return LearnerGroup(2, opts, model_path=tiny_model, objective=objective, lr=lr, total_steps=10,
-                        micro_batch_tokens=64, temperature=TEMPERATURE, grad_clip=1.0)
+                        micro_batch_tokens=64, temperature=TEMPERATURE, grad_clip=1.0, logits_chunk=16)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,25 @@ def test_rollout_actor_death_is_survived_and_the_group_rebuilt(ray_local, tiny_m
         assert not pool.needs_resync and sync.generation == 0 and sync.version == 9
     finally:
         group.shutdown()
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 5, 7, 64])
+def test_chunked_logprobs_equal_the_whole_computation(chunk):
+    """Values and gradients do not depend on the chunking (checkpointed chunks recompute in backward)."""
+    import torch
+
+    from learner.worker import chunked_logprobs, token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g)
+    expected = token_logprobs(logits / 0.7, targets)
+    (expected * weights).sum().backward()
+    grad, logits.grad = logits.grad.clone(), None
+    got = chunked_logprobs(logits, targets, 0.7, chunk)
+    (got * weights).sum().backward()
+    assert torch.allclose(got, expected, atol=1e-6) and got.dtype == torch.float32
+    assert torch.allclose(logits.grad, grad, atol=1e-6)
+    half = chunked_logprobs(logits.detach().to(torch.bfloat16), targets, 0.7, chunk)
+    assert half.dtype == torch.float32 and torch.allclose(half, expected.detach(), atol=0.1)  # computed in fp32
