@@ -138,9 +138,9 @@ class BroadcastTransport(WeightTransport):
         store = dist.PrefixStore(f"raygrpo-weights-{generation}", self.store)
         if backend == "nccl":
             # GPU-only path. NCCL's own deadline sits past the driver's (`timeout_s`), so the driver
-            # reports a lost peer first; NCCL then aborts the stuck collective, which raises here
-            # (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 in the job's environment) rather than its watchdog
-            # killing the process.
+            # reports a lost peer first (WeightSyncError); NCCL's watchdog then aborts the stuck
+            # collective without killing the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 in the job's
+            # environment), and the next use of this group raises.
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout + timedelta(seconds=NCCL_GRACE_S)
             self.group = dist.ProcessGroupNCCL(store, rank, world_size, opts)
@@ -200,8 +200,10 @@ class SharedTransport(WeightTransport):
         shared = buf if buf.is_cuda else buf.share_memory_()
         key, self.count = f"bucket/{self.count}", self.count + 1
         self.store.set(key, bytes(ForkingPickler.dumps(shared)))
-        self.store.wait([f"{key}/done/{r}" for r in range(1, self.world_size)], self.timeout)
-        self.store.delete_key(key)
+        done = [f"{key}/done/{r}" for r in range(1, self.world_size)]
+        self.store.wait(done, self.timeout)
+        for k in (key, *done):
+            self.store.delete_key(k)
 
     def recv(self, buf: torch.Tensor) -> None:
         import pickle

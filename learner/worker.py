@@ -30,29 +30,39 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    return token_logprobs(logits.float() / temperature, targets)
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                 entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = logits.float() / temperature
+    logp = token_logprobs(x, targets)
+    return logp, (token_entropy(x) if entropy else logp.new_zeros(()))
 
 
-def chunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-    """logits [b, T, V] (model dtype), targets [b, T] -> fp32 logprob of each target at `temperature`
-    [b, T], `chunk` positions at a time under activation checkpointing: the fp32 copy and the
-    softmax temporaries exist for one chunk (in forward, and recomputed in backward), and only the
-    logits themselves are kept for backward — with a 150k vocabulary at 16k tokens a micro-batch,
-    ~20 GB less than computing it at once. `chunk` 0: all at once."""
+def chunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int,
+                     entropy: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [b, T, V] (model dtype), targets [b, T] -> (fp32 logprob of each target at
+    `temperature` [b, T], entropy [b, T] or None), `chunk` positions at a time: the fp32 copy and
+    softmax temporaries exist for one chunk, and under activation checkpointing only the logits
+    themselves are kept for backward — with a 150k vocabulary at 16k tokens a micro-batch, ~20 GB
+    less than computing it at once. `entropy`: "" none, "metric" (no graph), "grad" (in the graph).
+    `chunk` 0: all positions at once."""
     from torch.utils.checkpoint import checkpoint
 
     b, t, v = logits.shape
-    flat, flat_targets = logits.reshape(b * t, v), targets.reshape(b * t)
     step = chunk if chunk > 0 else b * t
-    parts = []
-    for start in range(0, b * t, step):
-        piece, tgt = flat[start:start + step], flat_targets[start:start + step]
+    logps, ents = [], []
+    # split() views share one backward node: no full-size gradient per chunk
+    for piece, tgt in zip(logits.reshape(b * t, v).split(step), targets.reshape(b * t).split(step)):
         if piece.requires_grad:
-            parts.append(checkpoint(_chunk_logprobs, piece, tgt, temperature, use_reentrant=False))
+            logp, ent = checkpoint(_chunk_stats, piece, tgt, temperature, entropy == "grad", use_reentrant=False)
         else:
-            parts.append(_chunk_logprobs(piece, tgt, temperature))
-    return torch.cat(parts).reshape(b, t)
+            logp, ent = _chunk_stats(piece, tgt, temperature, entropy == "grad")
+        if entropy == "metric":
+            with torch.no_grad():
+                ent = token_entropy(piece.detach().float() / temperature)
+        logps.append(logp)
+        ents.append(ent)
+    ent_all = torch.cat(ents).reshape(b, t) if entropy else None
+    return torch.cat(logps).reshape(b, t), ent_all
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -143,13 +153,8 @@ class LearnerWorker:
         """Token logprobs (and entropy) over the scored window; logits only for that window."""
         keep = padded.input_ids.shape[1] - padded.start
         out = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, logits_to_keep=keep)
-        logp = chunked_logprobs(out.logits, padded.targets, self.temperature, self.logits_chunk)
-        entropy = None
-        if with_entropy and entropy_grad:
-            entropy = token_entropy(out.logits.float() / self.temperature)
-        elif with_entropy:  # a metric only: no graph, one row at a time to bound memory
-            with torch.no_grad():
-                entropy = torch.stack([token_entropy(row.float() / self.temperature) for row in out.logits.detach()])
+        kind = ("grad" if entropy_grad else "metric") if with_entropy else ""
+        logp, entropy = chunked_logprobs(out.logits, padded.targets, self.temperature, self.logits_chunk, kind)
         return logp, entropy
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
@@ -261,7 +266,7 @@ class LearnerWorker:
             model.to(device)
         for state in self.optimizer.state.values():
             for k, v in state.items():
-                if torch.is_tensor(v):
+                if torch.is_tensor(v) and v.dim() > 0:  # not AdamW's `step` scalars: they live on the host
                     state[k] = v.to(device, non_blocking=True)
         if device.type == "cpu":
             torch.cuda.empty_cache()

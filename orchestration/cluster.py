@@ -25,7 +25,7 @@ from orchestration.config import ConfigError, role_bundle, validate_resources
 def start_ray(cfg: Any) -> None:
     """Join `ray.address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    env = {"env_vars": worker_env()}
+    env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job_env_vars()}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
@@ -46,6 +46,12 @@ def worker_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),  # INFO drowns the progress bar
     }
+
+
+def job_env_vars() -> dict[str, str]:
+    """Variables a submitted job's runtime env already sets: Ray refuses to merge a key twice."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def bundles(cfg: Any, role: str) -> list[dict[str, float]]:
@@ -131,6 +137,8 @@ def _place_colocated(cfg: Any, placement: Placement, node_ip: dict[str, str], ti
     _, engine = role_bundle(cfg, "rollout")
     _, rank = role_bundle(cfg, "learner")
     pair = {k: engine.get(k, 0.0) + rank.get(k, 0.0) for k in {**engine, **rank}}
+    if "GPU" in pair:
+        pair["GPU"] = 1.0  # a whole GPU per pair: no two pairs (two NCCL learner ranks) on one device
     spec = [dict(pair) for _ in range(cfg.rollout.num_actors)]
     pg = _reserve(spec, cfg.topology.strategy, "raygrpo-colocated", timeout_s)
     where = [node_ip.get(n, "?") for n in _bundle_nodes(pg, len(spec))]

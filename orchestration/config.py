@@ -512,6 +512,8 @@ def required_resources(cfg: Any, roles: tuple[str, ...] = ALL_ROLES) -> dict[str
         count, bundle = role_bundle(cfg, role)
         for key, value in bundle.items():
             need[key] = need.get(key, 0.0) + count * value
+    if cfg.topology.colocate and {"rollout", "learner"} <= set(roles) and need.get("GPU"):
+        need["GPU"] = float(cfg.rollout.num_actors)  # each engine/rank pair holds a whole GPU
     return {k: v for k, v in need.items() if v > 0}
 
 

@@ -77,6 +77,8 @@ def start_rollout(cfg: Any, placement: Placement) -> RolloutPool:
 def start_actors(cfg: Any, placement: Placement) -> Actors:
     r, l, a = cfg.rollout, cfg.learner, cfg.algo
     rollout = start_rollout(cfg, placement)
+    if cfg.topology.colocate:
+        ray.get(rollout.call("sleep"))  # the learner loads onto the shared devices next
     rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s)
     kl_in_loss = a.kl_coef if a.kl_in == "loss" else 0.0
     objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
@@ -95,6 +97,7 @@ def start_actors(cfg: Any, placement: Placement) -> Actors:
     sync.connect()
     if cfg.topology.colocate:
         learner.offload()  # the engines generate first
+        ray.get(rollout.call("wake_up"))
     return Actors(rollout, rewards, learner, sync, colocated=cfg.topology.colocate)
 
 

@@ -77,22 +77,31 @@ def actor_bundles(cfg: Any, role: str) -> list[list[dict[str, float]]]:
 
 
 def place_on(cfg: Any, nodes: list[Node], roles: tuple[str, ...]) -> list[tuple[str, int, str]]:
-    """(role, index, node) per actor, first fit; an actor's bundles share one node."""
+    """(role, index, node) per actor, first fit; an actor's bundles share one node (colocated: an
+    engine and its learner rank share one bundle, and a whole GPU)."""
     rows = []
+    pairs = cfg.topology.colocate and {"rollout", "learner"} <= set(roles)
     for role in roles:
+        if pairs and role == "learner":
+            continue
+        paired = pairs and role == "rollout"
         for i, bundles in enumerate(actor_bundles(cfg, role)):
+            if paired:
+                bundles = bundles + actor_bundles(cfg, "learner")[i]
             need: dict[str, float] = {}
             for b in bundles:
                 for k, v in b.items():
                     need[k] = need.get(k, 0.0) + v
+            if paired and need.get("GPU"):
+                need["GPU"] = 1.0
             node = next((n for n in nodes if all(n.free.get(k, 0.0) >= v - 1e-9 for k, v in need.items())), None)
             if node is None:
                 raise ConfigError(f"{role} {i} ({_fmt(need)}) fits on none of the planned nodes "
                                   f"(topology.plan_nodes={list(cfg.topology.plan_nodes)})")
             for k, v in need.items():
                 node.free[k] -= v
-            node.actors.append((role, i, _fmt(need)))
-            rows.append((role, i, node.name))
+            node.actors.append(("rollout+learner" if paired else role, i, _fmt(need)))
+            rows += [(role, i, node.name)] + ([("learner", i, node.name)] if paired else [])
     return rows
 
 

@@ -401,3 +401,23 @@ def test_tp_engine_gets_one_gpu_bundle_per_worker():
     cfg = make_cfg("topology=multinode")
     assert tp_engine_bundles(cfg) == [{"CPU": 4.0, "GPU": 1.0, "rollout_node": 0.5}] * 2
     assert required_resources(cfg, ("rollout",)) == {"CPU": 64.0, "GPU": 16.0, "rollout_node": 8.0}
+
+
+def test_colocated_pairs_reserve_whole_gpus():
+    cfg = make_cfg("topology=single_gpu_colocated", "rollout.num_actors=2", "learner.num_ranks=2",
+                   "topology.rollout_gpus=0.25", "topology.learner_gpus=0.25")
+    assert required_resources(cfg)["GPU"] == 2.0  # not 1.0: two pairs never share one GPU
+
+
+def test_job_runtime_env_keys_are_not_set_twice(monkeypatch):
+    """Ray refuses a runtime env whose env_vars repeat a key the submitted job already sets."""
+    import json
+
+    from orchestration.cluster import job_env_vars, worker_env
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"VLLM_LOGGING_LEVEL": "INFO"}}}))
+    assert job_env_vars() == {"VLLM_LOGGING_LEVEL": "INFO"}
+    assert "VLLM_LOGGING_LEVEL" in worker_env()
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert job_env_vars() == {}

@@ -175,21 +175,24 @@ def test_rollout_actor_death_is_survived_and_the_group_rebuilt(ray_local, tiny_m
 
 @pytest.mark.parametrize("chunk", [0, 1, 5, 7, 64])
 def test_chunked_logprobs_equal_the_whole_computation(chunk):
-    """Values and gradients do not depend on the chunking (checkpointed chunks recompute in backward)."""
+    """Values and gradients (logprobs and entropy) do not depend on the chunking: checkpointed chunks
+    recompute in backward."""
     import torch
 
-    from learner.worker import chunked_logprobs, token_logprobs
+    from learner.worker import chunked_logprobs, token_entropy, token_logprobs
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 11, generator=g, requires_grad=True)
     targets = torch.randint(0, 11, (3, 7), generator=g)
-    weights = torch.randn(3, 7, generator=g)
-    expected = token_logprobs(logits / 0.7, targets)
-    (expected * weights).sum().backward()
+    w1, w2 = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    expected, expected_ent = token_logprobs(logits / 0.7, targets), token_entropy(logits / 0.7)
+    ((expected * w1).sum() + (expected_ent * w2).sum()).backward()
     grad, logits.grad = logits.grad.clone(), None
-    got = chunked_logprobs(logits, targets, 0.7, chunk)
-    (got * weights).sum().backward()
-    assert torch.allclose(got, expected, atol=1e-6) and got.dtype == torch.float32
-    assert torch.allclose(logits.grad, grad, atol=1e-6)
-    half = chunked_logprobs(logits.detach().to(torch.bfloat16), targets, 0.7, chunk)
-    assert half.dtype == torch.float32 and torch.allclose(half, expected.detach(), atol=0.1)  # computed in fp32
+    got, ent = chunked_logprobs(logits, targets, 0.7, chunk, entropy="grad")
+    ((got * w1).sum() + (ent * w2).sum()).backward()
+    assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(ent, expected_ent, atol=1e-6)
+    assert torch.allclose(logits.grad, grad, atol=1e-6) and got.dtype == torch.float32
+    logp, metric = chunked_logprobs(logits, targets, 0.7, chunk, entropy="metric")
+    assert not metric.requires_grad and torch.allclose(metric, expected_ent, atol=1e-6)
+    half, none = chunked_logprobs(logits.detach().to(torch.bfloat16), targets, 0.7, chunk)
+    assert none is None and half.dtype == torch.float32 and torch.allclose(half, expected.detach(), atol=0.1)

@@ -79,3 +79,14 @@ def test_cli_plans_a_cluster_that_is_not_there(tmp_path):
     assert "node7: learner 8-15 (CPU=4, GPU=1, learner_node=1 each)" in res.stdout
     assert "estimated for 7.62B parameters" in res.stdout and "WARNING learner rank" in res.stdout
     assert "Started a local Ray" not in res.stdout + res.stderr  # planned without a cluster
+
+
+def test_colocated_pairs_share_a_node_and_a_whole_gpu():
+    cfg = make_cfg("topology=single_gpu_colocated", "rollout=gpu", "learner=gpu", "rollout.num_actors=3",
+                   "learner.num_ranks=3", "rollout.prompts_per_step=3", "rollout.group_size=4",
+                   "topology.plan_nodes=[1x2,1x1]")
+    nodes = parse_nodes(list(cfg.topology.plan_nodes))
+    rows = place_on(cfg, nodes, ("rollout", "reward", "learner"))
+    where = {(role, i): node for role, i, node in rows}
+    assert [where["rollout", i] for i in range(3)] == [where["learner", i] for i in range(3)] == ["node0", "node0", "node1"]
+    assert nodes[0].summary() == "rollout+learner 0-1 (CPU=4, GPU=1 each); reward 0 (CPU=1)"
