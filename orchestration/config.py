@@ -341,7 +341,8 @@ def register_configs() -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def _check(ok: bool, message: str) -> None:
+def check(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `ok`."""
     if not ok:
         raise ConfigError(message)
 
@@ -351,65 +352,67 @@ def validate(cfg: Any) -> None:
     from orchestration.models import check_model_path
 
     r, a, l = cfg.rollout, cfg.algo, cfg.learner
-    _check(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
-    _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+    check(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
+    check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
            f"model.dtype must be auto, float32, bfloat16 or float16, got {cfg.model.dtype!r}")
-    _check(r.group_size >= 2, f"rollout.group_size must be >= 2 for group-relative advantages, got {r.group_size}")
-    _check(r.num_actors >= 1, f"rollout.num_actors must be >= 1, got {r.num_actors}")
-    _check(r.prompts_per_step >= r.num_actors,
+    check(r.group_size >= 2, f"rollout.group_size must be >= 2 for group-relative advantages, got {r.group_size}")
+    check(r.num_actors >= 1, f"rollout.num_actors must be >= 1, got {r.num_actors}")
+    check(r.prompts_per_step >= r.num_actors,
            f"rollout.prompts_per_step ({r.prompts_per_step}) must be >= rollout.num_actors ({r.num_actors}) so every actor gets a prompt")
-    _check(l.num_ranks >= 1, f"learner.num_ranks must be >= 1, got {l.num_ranks}")
-    _check(l.num_minibatches >= 1, f"learner.num_minibatches must be >= 1, got {l.num_minibatches}")
+    check(l.num_ranks >= 1, f"learner.num_ranks must be >= 1, got {l.num_ranks}")
+    check(l.num_minibatches >= 1, f"learner.num_minibatches must be >= 1, got {l.num_minibatches}")
     batch = r.prompts_per_step * r.group_size
-    _check(batch % (l.num_ranks * l.num_minibatches) == 0,
+    check(batch % (l.num_ranks * l.num_minibatches) == 0,
            f"rollout.prompts_per_step × rollout.group_size = {batch} completions must divide evenly "
            f"into learner.num_ranks ({l.num_ranks}) × learner.num_minibatches ({l.num_minibatches})")
-    _check(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
-    _check(r.max_prompt_tokens + r.max_new_tokens <= cfg.model.max_model_len,
+    check(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
+    check(r.max_prompt_tokens + r.max_new_tokens <= cfg.model.max_model_len,
            f"rollout.max_prompt_tokens + rollout.max_new_tokens ({r.max_prompt_tokens + r.max_new_tokens}) "
            f"exceeds model.max_model_len ({cfg.model.max_model_len})")
-    _check(r.temperature > 0, f"rollout.temperature must be > 0 (GRPO samples), got {r.temperature}")
-    _check(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    _check(0 < a.clip_low < 1, f"algo.clip_low must be in (0, 1), got {a.clip_low}")
-    _check(a.clip_high > 0, f"algo.clip_high must be > 0, got {a.clip_high}")
-    _check(a.kl_coef >= 0, f"algo.kl_coef must be >= 0, got {a.kl_coef}")
-    _check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator must be k1, k2 or k3, got {a.kl_estimator!r}")
-    _check(a.kl_in in ("loss", "reward"), f"algo.kl_in must be loss or reward, got {a.kl_in!r}")
-    _check(0 <= a.overlong_buffer < r.max_new_tokens,
+    check(r.temperature > 0, f"rollout.temperature must be > 0 (GRPO samples), got {r.temperature}")
+    check(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    check(0 < a.clip_low < 1, f"algo.clip_low must be in (0, 1), got {a.clip_low}")
+    check(a.clip_high > 0, f"algo.clip_high must be > 0, got {a.clip_high}")
+    check(a.kl_coef >= 0, f"algo.kl_coef must be >= 0, got {a.kl_coef}")
+    check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator must be k1, k2 or k3, got {a.kl_estimator!r}")
+    check(a.kl_in in ("loss", "reward"), f"algo.kl_in must be loss or reward, got {a.kl_in!r}")
+    check(0 <= a.overlong_buffer < r.max_new_tokens,
            f"algo.overlong_buffer must be in [0, rollout.max_new_tokens={r.max_new_tokens}), got {a.overlong_buffer}")
-    _check(a.max_sampling_rounds >= 1, f"algo.max_sampling_rounds must be >= 1, got {a.max_sampling_rounds}")
-    _check(a.advantage in ("grpo", "rloo"), f"algo.advantage must be grpo or rloo, got {a.advantage!r}")
-    _check(a.loss in ("ppo", "gspo"), f"algo.loss must be ppo or gspo, got {a.loss!r}")
-    _check(a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
+    check(a.max_sampling_rounds >= 1, f"algo.max_sampling_rounds must be >= 1, got {a.max_sampling_rounds}")
+    check(a.advantage in ("grpo", "rloo"), f"algo.advantage must be grpo or rloo, got {a.advantage!r}")
+    check(a.loss in ("ppo", "gspo"), f"algo.loss must be ppo or gspo, got {a.loss!r}")
+    check(a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
            f"algo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {a.loss_agg!r}")
-    _check(l.lr > 0, f"learner.lr must be > 0, got {l.lr}")
-    _check(l.logits_chunk_tokens >= 0, f"learner.logits_chunk_tokens must be >= 0, got {l.logits_chunk_tokens}")
-    _check(l.schedule in ("constant", "cosine"), f"learner.schedule must be constant or cosine, got {l.schedule!r}")
-    _check(l.micro_batch_tokens >= r.max_prompt_tokens + r.max_new_tokens,
+    check(l.lr > 0, f"learner.lr must be > 0, got {l.lr}")
+    check(l.logits_chunk_tokens >= 0, f"learner.logits_chunk_tokens must be >= 0, got {l.logits_chunk_tokens}")
+    check(l.schedule in ("constant", "cosine"), f"learner.schedule must be constant or cosine, got {l.schedule!r}")
+    check(l.micro_batch_tokens >= r.max_prompt_tokens + r.max_new_tokens,
            f"learner.micro_batch_tokens ({l.micro_batch_tokens}) must hold one full sequence "
            f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens})")
     validate_rewards(cfg)
-    _check(cfg.task.name == "arithmetic", f"unknown task {cfg.task.name!r} (known: arithmetic)")
+    check(cfg.task.name == "arithmetic", f"unknown task {cfg.task.name!r} (known: arithmetic)")
     d = cfg.data
-    _check(d.epochs >= 1, f"data.epochs must be >= 1, got {d.epochs}")
-    _check(bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key and data.answer_key must not be empty")
-    _check(cfg.stage != "train" or bool(d.train_files) or not d.val_files,
+    check(d.epochs >= 1, f"data.epochs must be >= 1, got {d.epochs}")
+    check(bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key and data.answer_key must not be empty")
+    check(cfg.stage != "train" or bool(d.train_files) or not d.val_files,
            "data.val_files is set but data.train_files is not: give training files too (or stage=eval)")
-    _check(cfg.logger.samples_every_n_steps >= 0,
+    check(cfg.logger.samples_every_n_steps >= 0,
            f"logger.samples_every_n_steps must be >= 0, got {cfg.logger.samples_every_n_steps}")
-    _check(cfg.sync.bucket_mb >= 1, f"sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
-    _check(cfg.sync.backend in ("auto", "gloo", "nccl", "shared"),
+    check(cfg.sync.bucket_mb >= 1, f"sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
+    check(cfg.sync.backend in ("auto", "gloo", "nccl", "shared"),
            f"sync.backend must be auto, gloo, nccl or shared, got {cfg.sync.backend!r}")
-    _check(cfg.logger.wandb.mode in ("offline", "online", "disabled"),
+    check(cfg.logger.wandb.mode in ("offline", "online", "disabled"),
            f"logger.wandb.mode must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
-    _check(cfg.logger.wandb.mode != "online" or bool(os.environ.get("WANDB_API_KEY")),
+    check(cfg.logger.wandb.mode != "online" or bool(os.environ.get("WANDB_API_KEY")),
            "logger.wandb.mode=online needs WANDB_API_KEY in the environment")
+    from orchestration.gpu_layout import validate_gpus
+
     validate_gpus(cfg)
-    _check(cfg.topology.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    check(cfg.topology.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
            f"topology.strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {cfg.topology.strategy!r}")
-    _check(cfg.stage in ("train", "eval"), f"stage must be train or eval, got {cfg.stage!r}")
-    _check(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {cfg.eval.every_n_steps}")
-    _check(cfg.eval.pass_k >= 1, f"eval.pass_k must be >= 1, got {cfg.eval.pass_k}")
+    check(cfg.stage in ("train", "eval"), f"stage must be train or eval, got {cfg.stage!r}")
+    check(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {cfg.eval.every_n_steps}")
+    check(cfg.eval.pass_k >= 1, f"eval.pass_k must be >= 1, got {cfg.eval.pass_k}")
     check_model_path(cfg.model.path)
 
 
@@ -417,18 +420,18 @@ def validate_rewards(cfg: Any) -> None:
     """Reward functions import (one line naming a function whose import fails), and deadlines fit."""
     from actors.rewards import UnknownRewardError, resolve
 
-    _check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
-    _check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
+    check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
+    check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
     for name in list(cfg.reward.functions) + [cfg.eval.reward]:
         try:
             resolve(name)
         except UnknownRewardError as e:
             raise ConfigError(f"reward function {name!r}: {e}") from None
-    _check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
+    check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
     if "code_tests" in list(cfg.reward.functions) + [cfg.eval.reward]:
         from actors.rewards.code import TIME_LIMIT_S
 
-        _check(cfg.reward.timeout_s >= TIME_LIMIT_S + 2,
+        check(cfg.reward.timeout_s >= TIME_LIMIT_S + 2,
                f"reward.timeout_s ({cfg.reward.timeout_s:g}) must leave code_tests' {TIME_LIMIT_S:g} s limit room "
                f"(>= {TIME_LIMIT_S + 2:g}; reward=code sets 15)")
 
@@ -440,55 +443,6 @@ def sync_backend(cfg: Any) -> str:
     if cfg.topology.colocate:
         return "shared"
     return "nccl" if cfg.topology.rollout_gpus > 0 and cfg.topology.learner_gpus > 0 else "gloo"
-
-
-def validate_gpus(cfg: Any) -> None:
-    """GPU topologies that cannot work: each NCCL rank needs a whole GPU of its own (two ranks of one
-    communicator on a GPU fail with "Duplicate GPU detected"), a TP engine needs TP GPUs, and engines
-    sharing a GPU must fit in it together."""
-    t, r = cfg.topology, cfg.rollout
-    tp, gpus = r.tensor_parallel_size, t.rollout_gpus
-    _check(tp >= 1, f"rollout.tensor_parallel_size must be >= 1, got {tp}")
-    _check(sync_backend(cfg) != "shared" or t.colocate, "sync.backend=shared needs topology.colocate=true")
-    if t.colocate:
-        validate_colocation(cfg)
-        return
-    _check(t.learner_gpus in (0, 1), f"topology.learner_gpus must be 0 or 1 (one whole GPU per learner rank: "
-                                     f"an NCCL rank cannot share or span GPUs), got {t.learner_gpus:g}")
-    _check(tp == 1 or gpus == tp, f"rollout.tensor_parallel_size={tp} needs topology.rollout_gpus={tp} "
-                                  f"(one GPU per tensor-parallel worker), got {gpus:g}")
-    _check(gpus == 0 or tp > 1 or gpus <= 1, f"topology.rollout_gpus ({gpus:g}) > 1 needs "
-                                             f"rollout.tensor_parallel_size={gpus:g}")
-    backend = sync_backend(cfg)
-    if backend == "nccl":
-        _check(gpus > 0 and t.learner_gpus > 0, "sync.backend=nccl needs GPUs on both sides (topology.rollout_gpus "
-                                               "and topology.learner_gpus); use sync.backend=gloo otherwise")
-        _check(gpus == int(gpus), f"topology.rollout_gpus={gpus:g}: engines that share a GPU cannot all join an "
-                                  f"NCCL weight broadcast (one rank per GPU); use whole GPUs or sync.backend=gloo")
-    elif cfg.sync.backend == "auto" and (gpus > 0) != (t.learner_gpus > 0):
-        side = "rollout" if gpus > 0 else "learner"
-        raise ConfigError(f"only the {side} side has GPUs, so sync.backend=auto cannot use NCCL: set "
-                          f"sync.backend=gloo (a CPU broadcast: slow for large models) or give both sides GPUs")
-    if 0 < gpus < 1:
-        per_gpu = int(1 / gpus + 1e-9)
-        _check(per_gpu * r.gpu_memory_utilization <= 0.95,
-               f"{per_gpu} engines share each GPU (topology.rollout_gpus={gpus:g}) at rollout.gpu_memory_utilization="
-               f"{r.gpu_memory_utilization:g}: {per_gpu * r.gpu_memory_utilization:.2f} of a GPU; lower it to "
-               f"{0.95 / per_gpu:.2f} or below")
-
-
-def validate_colocation(cfg: Any) -> None:
-    """Colocated: one engine per learner rank, each pair in one bundle (one GPU at most)."""
-    t, r, l = cfg.topology, cfg.rollout, cfg.learner
-    _check(r.num_actors == l.num_ranks, f"topology.colocate pairs each engine with a learner rank: "
-                                        f"rollout.num_actors ({r.num_actors}) must equal learner.num_ranks ({l.num_ranks})")
-    _check(r.tensor_parallel_size == 1, "topology.colocate needs rollout.tensor_parallel_size=1")
-    _check(sync_backend(cfg) in ("shared", "gloo"), "topology.colocate moves weights with sync.backend=shared "
-                                                    "(or gloo); NCCL cannot join two processes on one GPU")
-    gpus = (t.rollout_gpus, t.learner_gpus)
-    _check(all(g == 0 for g in gpus) or (all(g > 0 for g in gpus) and sum(gpus) <= 1),
-           f"topology.colocate shares one GPU per pair: topology.rollout_gpus + topology.learner_gpus must be <= 1 "
-           f"with both > 0 (e.g. 0.5 and 0.5), or both 0 on CPU; got {gpus[0]:g} and {gpus[1]:g}")
 
 
 ALL_ROLES = ("rollout", "learner", "reward")
@@ -521,6 +475,6 @@ def validate_resources(cfg: Any, available: dict[str, float], roles: tuple[str, 
     """Check the topology against the Ray cluster's logical resources (`ray.cluster_resources()`)."""
     for key, amount in required_resources(cfg, roles).items():
         have = available.get(key, 0.0)
-        _check(amount <= have + 1e-9,
+        check(amount <= have + 1e-9,
                f"the topology asks for {amount:g} {key} but the Ray cluster has {have:g} "
                f"(set topology.num_cpus / topology.* per-actor resources, or add nodes)")
