@@ -12,8 +12,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
-Messages = tuple[dict[str, str], ...]  # chat messages [{"role": ..., "content": ...}], used as is
-PromptContent = Union[str, Messages]
+from actors.types import Messages
+
+PromptContent = Union[str, Messages]  # the user message, or chat messages used as is
 
 
 @dataclass(frozen=True)
