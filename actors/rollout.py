@@ -9,6 +9,7 @@ top_k=-1 the two agree to float precision (a measured mismatch beyond that is a 
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 from actors.types import Completion, GenerateResult, Group, Prompt, SamplingSpec
 
@@ -53,6 +54,7 @@ class RolloutActor:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_prompt_tokens = max_prompt_tokens
         self.version = 0
+        self.requests = 0  # request ids handed to the engine so far
 
     def ready(self) -> bool:
         return True
@@ -66,30 +68,40 @@ class RolloutActor:
         text = prompt.content if isinstance(prompt.content, str) else "\n\n".join(m["content"] for m in prompt.content)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> GenerateResult:
-        """Sample `spec.n` completions for each prompt; prompts over the length limit are dropped."""
-        from vllm import SamplingParams
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> GenerateResult:
+        """Sample `spec.n` completions for each prompt, all at once (see `stream`), in prompt order."""
+        parts = list(self.stream(prompts, spec))
+        order = {p.id: i for i, p in enumerate(prompts)}
+        groups = sorted((g for part in parts for g in part.groups), key=lambda g: order[g.prompt.id])
+        return GenerateResult(groups=groups, dropped=parts[0].dropped)
+
+    def stream(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> Iterator[GenerateResult]:
+        """Yield the prompts over the length limit (dropped) first, then each prompt's group as soon
+        as its completions are done (one engine batch for all prompts; a Ray streaming generator
+        when called remotely, so rewards can start on the first groups while the rest decode).
+        `spec`: one for all prompts, or one per prompt."""
         from vllm.inputs import TokensPrompt
 
-        kept, encoded, dropped = [], [], []
-        for prompt in prompts:
+        specs = spec if isinstance(spec, list) else [spec] * len(prompts)
+        kept, dropped = [], []
+        for prompt, one in zip(prompts, specs):
             ids = self.encode(prompt)
-            if len(ids) > self.max_prompt_tokens:
-                dropped.append(prompt.id)
-            else:
-                kept.append(prompt)
-                encoded.append(ids)
-        params = SamplingParams(
-            n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-            max_tokens=spec.max_tokens, stop=list(spec.stop) or None, seed=spec.seed, logprobs=0,
-        )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=False)
-        groups = [
-            Group(prompt=p, prompt_token_ids=ids, version=self.version,
-                  completions=[_completion(c) for c in out.outputs])
-            for p, ids, out in zip(kept, encoded, outputs)
-        ]
-        return GenerateResult(groups=groups, dropped=dropped)
+            (dropped.append(prompt.id) if len(ids) > self.max_prompt_tokens else kept.append((prompt, ids, one)))
+        yield GenerateResult(groups=[], dropped=dropped)
+        engine = self.llm.llm_engine
+        by_request = {}
+        for prompt, ids, one in kept:
+            self.requests += 1
+            request = f"raygrpo-{self.requests}"  # outputs carry this id
+            engine.add_request(request, TokensPrompt(prompt_token_ids=ids), _params(one))
+            by_request[request] = (prompt, ids)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished and out.request_id in by_request:
+                    prompt, ids = by_request.pop(out.request_id)
+                    group = Group(prompt=prompt, prompt_token_ids=ids, version=self.version,
+                                  completions=[_completion(c) for c in out.outputs])
+                    yield GenerateResult(groups=[group])
 
     # ---- colocation: give the GPU to the learner while it trains
 
@@ -123,6 +135,15 @@ class RolloutActor:
         if any(sums != first for sums in per_worker[1:]):
             raise RuntimeError("tensor-parallel workers of one engine received different weights")
         return first
+
+
+def _params(spec: SamplingSpec):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+                          max_tokens=spec.max_tokens, stop=list(spec.stop) or None, seed=spec.seed, logprobs=0,
+                          output_kind=RequestOutputKind.FINAL_ONLY)  # one output per request, when done
 
 
 def _completion(out) -> Completion:

@@ -6,7 +6,9 @@ the group and receives full tensors, and vLLM's own `load_weights` shards them.
 
 Received buckets are streamed straight into the worker's `reload_weights` (one bucket alive at a time, so a
 sync needs at most one bucket of extra memory) and checksummed on the way for the learner to
-compare.
+compare. Most of a CPU sync is that reload: vLLM-CPU keeps linear weights only packed for oneDNN
+(their parameters are empty placeholders, so the model's `load_weights` fails after the first
+load), and the reload rebuilds each layer's weights and packs them again.
 """
 
 from __future__ import annotations
@@ -46,22 +48,28 @@ class WeightSyncExtension:
                 sums.append(checksum(buf))
                 yield from unpack(buf, bucket)
 
+        head, embedding = self._tied_lm_head()
+        old_gemm = getattr(embedding, "cpu_linear", None)
         self.reload_weights(weights_iterator=stream())  # the Worker's: it sets vLLM's config context
-        self._refresh_tied_lm_head()
+        if head is not None:
+            gemm = getattr(embedding, "cpu_linear", None)
+            if gemm is not None and gemm is not old_gemm:
+                head.cpu_linear = gemm  # the reload just packed this very weight for the embedding
+            else:
+                head.quant_method.process_weights_after_loading(head)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # loaded before the engine samples again
         return sums
 
-    def _refresh_tied_lm_head(self) -> None:
-        """Re-run the tied lm_head's weight processing after a reload.
-
-        With tied embeddings no checkpoint tensor names the lm_head, so the layerwise reload
-        skips its post-load processing; on CPU that processing packs the weight for the logits
-        GEMM, so logits kept using the old packed copy while the embedding changed (measured:
-        0.8 logprob error). On GPU the call is a no-op."""
+    def _tied_lm_head(self) -> tuple:
+        """(lm_head, embedding) when they are tied, else (None, None). No checkpoint tensor names a
+        tied lm_head, so the reload skips its post-load processing; on CPU that packs the weight
+        for the logits GEMM, and logits kept using the old packed copy (measured: 0.8 logprob
+        error). On GPU nothing is packed and re-processing is a no-op."""
         model = self.model_runner.get_model()
-        lm_head = getattr(model, "lm_head", None)
-        tied = getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False)
-        method = getattr(lm_head, "quant_method", None)
-        if tied and method is not None:
-            method.process_weights_after_loading(lm_head)
+        head = getattr(model, "lm_head", None)
+        if not getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False) \
+                or getattr(head, "quant_method", None) is None:
+            return None, None
+        return head, next((m for m in model.modules() if m is not head and getattr(m, "weight", None) is head.weight),
+                          None)

@@ -37,6 +37,12 @@ Aggregation of per-token losses l [B, T] into a scalar
     seq modes) replace the local ones, so summing micro-batch losses (and DP
     ranks) reproduces the full-batch loss exactly. Denominators clamp to >= 1.
 
+Off-policy correction (asynchronous rollouts, rollout.max_staleness > 0)
+    Completions come from an engine policy mu that may lag the learner's
+    pi_old (the weights before this step's update). The ratio stays
+    pi/pi_old, and each token's loss is multiplied by the truncated importance
+    weight w = min(exp(logp_old - logp_mu), cap) (TIS, as verl and NeMo-RL).
+
 DAPO extras: soft overlong punishment (a length-dependent reward term) and
 dynamic sampling (keep only groups whose rewards are not all equal).
 """
@@ -182,11 +188,34 @@ def _clipped_objective(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float,
     return torch.maximum(-adv * ratio, -adv * clipped)
 
 
+def truncated_is_weights(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
+                         cap: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """w = min(exp(old_logp - engine_logp), cap) [B, T] (no grad; 1 where masked), and its
+    masked stats: is_weight_mean, is_weight_max, is_clipped_frac (tokens where w hit the cap).
+    `cap` <= 0: no truncation."""
+    m = mask.bool()
+    with torch.no_grad():
+        raw = torch.exp(torch.where(m, old_logp - engine_logp, torch.zeros_like(old_logp))).float()
+        w = raw.clamp(max=cap) if cap > 0 else raw
+        metrics = {
+            "is_weight_mean": masked_mean(w, m),
+            "is_weight_max": w[m].max() if m.any() else w.new_ones(()),
+            "is_clipped_frac": masked_mean((raw > cap).float(), m) if cap > 0 else w.new_zeros(()),
+        }
+    return w, metrics
+
+
+def _weighted(loss_tok: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    return loss_tok if weights is None else loss_tok * weights.to(loss_tok.dtype)
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
                 agg: str = "token_mean", max_tokens: Optional[int] = None,
-                num_tokens=None, num_seqs=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO/GRPO clipped surrogate. logp, old_logp, mask [B, T]; advantages [B].
+                num_tokens=None, num_seqs=None,
+                token_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO/GRPO clipped surrogate. logp, old_logp, mask [B, T]; advantages [B];
+    token_weights [B, T] (importance weights, no grad) multiply each token's loss.
 
     Returns (scalar loss, metrics). Metrics are detached 0-dim float tensors,
     masked token means over this call's valid tokens: clip_frac_low (ratio <
@@ -197,7 +226,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     log_ratio = torch.where(m, logp - old_logp, torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
     adv = advantages.to(ratio.dtype).unsqueeze(-1).expand_as(ratio)
-    loss = aggregate_loss(_clipped_objective(ratio, adv, clip_low, clip_high), m, agg,
+    loss = aggregate_loss(_weighted(_clipped_objective(ratio, adv, clip_low, clip_high), token_weights), m, agg,
                           max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
         low = (ratio < 1.0 - clip_low) & (adv < 0)
@@ -214,8 +243,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, *, clip_low: float, clip_high: float,
               agg: str = "seq_mean_token_mean", max_tokens: Optional[int] = None,
-              num_tokens=None, num_seqs=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GSPO-token surrogate. logp, old_logp, mask [B, T]; advantages [B].
+              num_tokens=None, num_seqs=None,
+              token_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO-token surrogate. logp, old_logp, mask [B, T]; advantages [B]; token_weights as policy_loss.
 
     s_i = exp(masked mean_t(logp - old_logp)) [B]; s_tok = sg[s_i]*exp(logp - sg[logp])
     [B, T]; per token max(-A*s_tok, -A*clip(s_tok)). Fully masked rows give
@@ -230,7 +260,7 @@ def gspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     safe_logp = torch.where(m, logp, zeros)
     s_tok = seq_ratio.detach().unsqueeze(-1) * torch.exp(safe_logp - safe_logp.detach())
     adv = advantages.to(s_tok.dtype).unsqueeze(-1).expand_as(s_tok)
-    loss = aggregate_loss(_clipped_objective(s_tok, adv, clip_low, clip_high), m, agg,
+    loss = aggregate_loss(_weighted(_clipped_objective(s_tok, adv, clip_low, clip_high), token_weights), m, agg,
                           max_tokens=max_tokens, num_tokens=num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
         seq_valid = m.any(dim=-1)

@@ -27,6 +27,7 @@ class Micro:
     ref_logp: Optional[torch.Tensor]  # [b, T] when the objective needs it
     num_tokens: int  # valid tokens of the whole (global) mini-batch
     num_seqs: int  # sequences of the whole (global) mini-batch
+    engine_logp: Optional[torch.Tensor] = None  # [b, T] the sampling engine's logprobs of the tokens
 
 
 @dataclass
@@ -41,6 +42,8 @@ class GRPOObjective:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
+    is_cap: float = 2.0  # truncation of the importance weights to the engine's policy (logged always)
+    off_policy: str = ""  # "": on-policy; "learner": old = learner's logprobs, × TIS weights; "engine": old = engine's
 
     @property
     def needs_reference(self) -> bool:
@@ -53,8 +56,13 @@ class GRPOObjective:
     def __call__(self, mb: Micro) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         agg = dict(agg=self.agg, max_tokens=self.max_tokens, num_tokens=mb.num_tokens, num_seqs=mb.num_seqs)
         surrogate = grpo.gspo_loss if self.loss == "gspo" else grpo.policy_loss
-        loss, metrics = surrogate(mb.logp, mb.old_logp, mb.advantages, mb.mask,
-                                  clip_low=self.clip_low, clip_high=self.clip_high, **agg)
+        weights, is_metrics = (None, {}) if mb.engine_logp is None else \
+            grpo.truncated_is_weights(mb.old_logp, mb.engine_logp, mb.mask, self.is_cap)
+        old = mb.engine_logp if self.off_policy == "engine" else mb.old_logp
+        apply = self.off_policy == "learner" and self.is_cap > 0
+        loss, metrics = surrogate(mb.logp, old, mb.advantages, mb.mask, clip_low=self.clip_low,
+                                  clip_high=self.clip_high, token_weights=weights if apply else None, **agg)
+        metrics.update(is_metrics)
         if self.kl_coef > 0:
             kl_tok = grpo.kl_penalty(mb.logp, mb.ref_logp, self.kl_estimator)
             loss = loss + self.kl_coef * grpo.aggregate_loss(kl_tok, mb.mask, self.agg, max_tokens=self.max_tokens,

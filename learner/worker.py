@@ -14,15 +14,19 @@ equals that of the full batch's loss, whatever the micro-batching.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from learner.batch import TrainBatch, micro_batches, pad
+from learner.batch import Padded, TrainBatch, micro_batches, pad, prompt_rows, row_lengths
+from learner.batch import pack as pack_rows
 from learner.objectives import Micro
 from learner.weights import TensorSpec, WeightTransport, checksum, make_transport, pack, plan_buckets
+
+log = logging.getLogger("raygrpo")
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -31,38 +35,66 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                 entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 entropy: bool, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, V] (a run of positions), targets [m] -> logprob and entropy of each target [m]:
+    position index[j] of the run scores targets[j] (index None: m = n, position j scores target j)."""
     x = logits.float() / temperature
-    logp = token_logprobs(x, targets)
-    return logp, (token_entropy(x) if entropy else logp.new_zeros(()))
+    if index is None:
+        logp = token_logprobs(x, targets)
+        return logp, (token_entropy(x) if entropy else logp.new_zeros(()))
+    logp = x[index, targets] - torch.logsumexp(x, dim=-1)[index]
+    return logp, (token_entropy(x)[index] if entropy else logp.new_zeros(()))
+
+
+def _slots_by_chunk(index: torch.Tensor, step: int, chunks: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """index [S] (a logits position per slot) -> the slots each run of `step` positions scores
+    (chunk-major), and the permutation [S] putting chunk-major results back into slot order."""
+    order = torch.argsort(index // step, stable=True)
+    counts = torch.bincount(index // step, minlength=chunks)
+    return list(order.split(counts.tolist())), torch.argsort(order)
 
 
 def chunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int,
-                     entropy: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+                     entropy: str = "", index: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [b, T, V] (model dtype), targets [b, T] -> (fp32 logprob of each target at
     `temperature` [b, T], entropy [b, T] or None), `chunk` positions at a time: the fp32 copy and
     softmax temporaries exist for one chunk, and under activation checkpointing only the logits
     themselves are kept for backward — with a 150k vocabulary at 16k tokens a micro-batch, ~20 GB
     less than computing it at once. `entropy`: "" none, "metric" (no graph), "grad" (in the graph).
-    `chunk` 0: all positions at once."""
+    `chunk` 0: all positions at once. `index` [b, T] (shared-prompt layout, logits [rows, W, V]):
+    slot (i, t) is scored by position index[i, t] of logits.reshape(rows * W, V); each chunk of
+    positions scores the slots that point into it (one position may score several), so nothing
+    beyond a chunk is ever copied."""
     from torch.utils.checkpoint import checkpoint
 
-    b, t, v = logits.shape
-    step = chunk if chunk > 0 else b * t
+    b, t = targets.shape
+    flat, tgt_all = logits.reshape(-1, logits.shape[-1]), targets.reshape(b * t)
+    step = chunk if chunk > 0 else flat.shape[0]
+    pieces = flat.split(step)  # views sharing one backward node: no full-size gradient per chunk
+    if index is None:
+        runs, order = [(tgt, None) for tgt in tgt_all.split(step)], None
+    else:
+        slots, order = _slots_by_chunk(index.reshape(b * t), step, len(pieces))
+        runs = [(tgt_all[s], index.reshape(b * t)[s] - c * step) for c, s in enumerate(slots)]
     logps, ents = [], []
-    # split() views share one backward node: no full-size gradient per chunk
-    for piece, tgt in zip(logits.reshape(b * t, v).split(step), targets.reshape(b * t).split(step)):
+    for piece, (tgt, idx) in zip(pieces, runs):
+        if tgt.numel() == 0:
+            continue
         if piece.requires_grad:
-            logp, ent = checkpoint(_chunk_stats, piece, tgt, temperature, entropy == "grad", use_reentrant=False)
+            logp, ent = checkpoint(_chunk_stats, piece, tgt, temperature, entropy == "grad", idx, use_reentrant=False)
         else:
-            logp, ent = _chunk_stats(piece, tgt, temperature, entropy == "grad")
+            logp, ent = _chunk_stats(piece, tgt, temperature, entropy == "grad", idx)
         if entropy == "metric":
             with torch.no_grad():
                 ent = token_entropy(piece.detach().float() / temperature)
+                ent = ent if idx is None else ent[idx]
         logps.append(logp)
         ents.append(ent)
-    ent_all = torch.cat(ents).reshape(b, t) if entropy else None
-    return torch.cat(logps).reshape(b, t), ent_all
+    logp, ent_all = torch.cat(logps), (torch.cat(ents) if entropy else None)
+    if order is not None:
+        logp, ent_all = logp[order], (ent_all[order] if entropy else None)
+    return logp.reshape(b, t), (ent_all.reshape(b, t) if entropy else None)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -86,7 +118,8 @@ class LearnerWorker:
                  schedule: str = "constant", total_steps: int = 1, grad_clip: float = 1.0,
                  micro_batch_tokens: int = 4096, num_minibatches: int = 1, temperature: float = 1.0,
                  mixed_precision: bool = True, gradient_checkpointing: bool = False, seed: int = 0,
-                 cpu_threads: int = 1, reference: bool = False, logits_chunk: int = 0) -> None:
+                 cpu_threads: int = 1, reference: bool = False, logits_chunk: int = 0,
+                 share_prompts: bool = False) -> None:
         import ray
 
         rank, world_size = self.rank, self.world_size
@@ -111,6 +144,7 @@ class LearnerWorker:
         self.ref = self._load(model_path, mp, False, trainable=False) \
             if objective.needs_reference or reference else None
         self.pad_id = self.model.config.pad_token_id or 0
+        self._choose_layout(share_prompts, torch.bfloat16 if mp else torch.float32)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(warmup_steps, schedule, total_steps * num_minibatches))
@@ -149,13 +183,30 @@ class LearnerWorker:
 
     # ---------------------------------------------------------------- forward
 
-    def _forward(self, model, padded, with_entropy: bool, entropy_grad: bool):
-        """Token logprobs (and entropy) over the scored window; logits only for that window."""
+    def _choose_layout(self, share_prompts: bool, compute_dtype: torch.dtype) -> None:
+        """Shared-prompt rows need an attention that takes a 4D float mask (sdpa, eager; not flash)."""
+        impl = self.model.config._attn_implementation
+        self.share_prompts, self.compute_dtype = share_prompts and impl in ("sdpa", "eager"), compute_dtype
+        if self.rank == 0:  # a warning where sharing was asked for but this attention cannot do it
+            (log.warning if share_prompts and not self.share_prompts else log.info)(
+                "learner: %s (share_prompts=%s, attention %s)", "one packed row per prompt group"
+                if self.share_prompts else "one padded row per sequence", share_prompts, impl)
+
+    def _micro(self, batch: TrainBatch, rows: list[list[int]]) -> tuple[list[int], Padded]:
+        """Sequence indices in window order ([b]) and the micro-batch of these rows."""
+        idx = [i for row in rows for i in row]
+        if self.share_prompts:
+            return idx, pack_rows(batch, rows, self.pad_id, self.device, self.compute_dtype)
+        return idx, pad(batch.select(idx), self.pad_id, self.device)
+
+    def _forward(self, model, padded: Padded, with_entropy: bool, entropy_grad: bool):
+        """Token logprobs (and entropy) [b, T] over the scored window; logits only for that window
+        ([rows, L - start, V]), gathered per sequence by `padded.index` in the shared layout."""
         keep = padded.input_ids.shape[1] - padded.start
-        out = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, logits_to_keep=keep)
+        extra = {} if padded.position_ids is None else {"position_ids": padded.position_ids}
+        out = model(input_ids=padded.input_ids, attention_mask=padded.attention_mask, logits_to_keep=keep, **extra)
         kind = ("grad" if entropy_grad else "metric") if with_entropy else ""
-        logp, entropy = chunked_logprobs(out.logits, padded.targets, self.temperature, self.logits_chunk, kind)
-        return logp, entropy
+        return chunked_logprobs(out.logits, padded.targets, self.temperature, self.logits_chunk, kind, padded.index)
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Current policy's logprobs of each completion's tokens (evaluation, tests, IS weights)."""
@@ -173,11 +224,11 @@ class LearnerWorker:
     def _recompute_logprobs(self, batch: TrainBatch, model) -> list[torch.Tensor]:
         """Per-sequence logprobs of the completion tokens under `model` (no grad)."""
         result: list[torch.Tensor] = [torch.empty(0)] * len(batch)
-        for idx in self._micro_plan(batch):
-            if not idx:
+        for rows in self._micro_plan(batch):
+            if not rows:
                 self._dummy_forward(model, batch)
                 continue
-            padded = pad(batch.select(idx), self.pad_id, self.device)
+            idx, padded = self._micro(batch, rows)
             logp, _ = self._forward(model, padded, False, False)
             for row, i in enumerate(idx):
                 result[i] = logp[row][padded.completion[row] > 0].cpu()
@@ -190,15 +241,19 @@ class LearnerWorker:
         if torch.is_grad_enabled():
             (logp.sum() * 0.0).backward()
 
-    def _micro_plan(self, batch: TrainBatch) -> list[list[int]]:
-        plan = micro_batches(batch.lengths(), self.micro_batch_tokens)
-        count = torch.tensor([len(plan)])
+    def _micro_plan(self, batch: TrainBatch) -> list[list[list[int]]]:
+        """Micro-batches of rows of sequence indices (`prompt_rows`: one sequence per row, or a
+        prompt group per row when sharing), rows × longest row within the token budget; padded
+        with empty micro-batches to the largest count of any rank."""
+        rows = prompt_rows(batch, self.micro_batch_tokens, self.share_prompts)
+        lengths = row_lengths(batch, rows)
+        count = torch.tensor([len(micro_batches(lengths, self.micro_batch_tokens))])
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return micro_batches(batch.lengths(), self.micro_batch_tokens, int(count))
+        return [[rows[r] for r in mb] for mb in micro_batches(lengths, self.micro_batch_tokens, int(count))]
 
-    def _global(self, *values: float) -> list[float]:
+    def _global(self, *values: float, op=dist.ReduceOp.SUM) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     # ---------------------------------------------------------------- training
@@ -220,16 +275,16 @@ class LearnerWorker:
         obj = self.objective
         # Reference logprobs in their own pass (its padding passes keep FSDP collectives in step).
         ref_all = self._recompute_logprobs(batch, self.ref) if self.ref is not None and obj.needs_reference else None
-        for idx in self._micro_plan(batch):
-            if not idx:
+        for rows in self._micro_plan(batch):
+            if not rows:
                 self._dummy_forward(self.model, batch)
                 continue
-            padded = pad(batch.select(idx), self.pad_id, self.device)
+            idx, padded = self._micro(batch, rows)
             logp, entropy = self._forward(self.model, padded, True, obj.needs_entropy_grad)
             ref = _scatter(ref_all, idx, padded) if ref_all is not None else None
             old_logp = logp.detach() if old is None else _scatter(old, idx, padded)
             loss, metrics = obj(Micro(logp, old_logp, padded.mask, padded.advantages, entropy, ref,
-                                      int(num_tokens), int(num_seqs)))
+                                      int(num_tokens), int(num_seqs), padded.rollout_logprobs))
             (loss * self.world_size).backward()
             stats.add_micro(loss.item(), metrics, logp.detach(), entropy, padded)
         grad_norm = self._clip_and_step()
@@ -296,16 +351,29 @@ class LearnerWorker:
         self.transport = make_transport(backend, host, int(port), 0, world_size, generation, timeout_s)
 
     def broadcast_weights(self) -> list[tuple[int, int]]:
-        """Gather full tensors bucket by bucket (all ranks); the ranks holding a transport send them."""
+        """Gather full tensors bucket by bucket (all ranks); the ranks holding a transport send them.
+
+        Buckets are packed into one reused buffer, on CPU with one thread: the copies are
+        memory-bound, and the engines load the previous bucket meanwhile (on 2 cores, two threads
+        per side made packing ~3x slower: at every copy a thread waits for one descheduled)."""
         params = dict(self.model.named_parameters())
+        sizes = [sum(s.numel for s in bucket) for bucket in self.buckets]
+        space = torch.empty(max(sizes, default=0), dtype=self.wire_dtype, device=self.device) \
+            if self.transport is not None else None
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
         sums = []
-        with torch.no_grad():
-            for bucket in self.buckets:
-                full = [_full(params[spec.name]) for spec in bucket]
-                if self.transport is not None:
-                    buf = pack(full, sum(s.numel for s in bucket), self.wire_dtype, self.device)
-                    self.transport.send(buf)
-                    sums.append(checksum(buf))
+        try:
+            with torch.no_grad():
+                for bucket, numel in zip(self.buckets, sizes):
+                    full = [_full(params[spec.name]) for spec in bucket]
+                    if space is not None:
+                        buf = pack(full, numel, self.wire_dtype, self.device, out=space)
+                        self.transport.send(buf)  # done with `buf` before the next pack writes it
+                        sums.append(checksum(buf))
+        finally:
+            torch.set_num_threads(threads)
         return sums
 
     def save_pretrained(self, path: str, driver_node: str) -> list[str]:
@@ -384,11 +452,14 @@ def _lr_lambda(warmup: int, schedule: str, total: int):
 
 
 class _Stats:
-    """Token-weighted means of micro-batch metrics, reduced over ranks at the end of a step."""
+    """Token-weighted means of micro-batch metrics (maxima for `*_max`), reduced over ranks at the
+    end of a step."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
         self.tokens = 0.0
+        self.slots = [0.0, 0.0]  # padding token slots, all token slots of the forwards' rows
         self.steps: list[tuple[float, float]] = []
 
     def add_micro(self, loss, metrics, logp, entropy, padded) -> None:
@@ -399,18 +470,26 @@ class _Stats:
             values["entropy"] = float((entropy.detach() * mask).sum() / max(n, 1))
         values["logprob_mismatch"] = float(((logp - padded.rollout_logprobs).abs() * mask).sum() / max(n, 1))
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v * n
+            if k.endswith("_max"):
+                self.maxima[k] = max(self.maxima.get(k, -math.inf), v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v * n
         self.sums["loss"] = self.sums.get("loss", 0.0) + loss
         self.tokens += n
+        self.slots[0] += padded.input_ids.numel() - padded.tokens
+        self.slots[1] += padded.input_ids.numel()
 
     def add_step(self, grad_norm: float, lr: float) -> None:
         self.steps.append((grad_norm, lr))
 
     def finish(self, all_reduce) -> dict[str, float]:
         keys = sorted(self.sums)
-        totals = all_reduce(*([self.sums[k] for k in keys] + [self.tokens]))
+        totals = all_reduce(*([self.sums[k] for k in keys] + self.slots + [self.tokens]))
         tokens = max(totals[-1], 1.0)
-        out = {k: (v if k == "loss" else v / tokens) for k, v in zip(keys, totals[:-1])}
+        out = {k: (v if k == "loss" else v / tokens) for k, v in zip(keys, totals[:-3])}
+        out["padding_frac"] = totals[-3] / max(totals[-2], 1.0)
+        maxima = sorted(self.maxima)
+        out.update(zip(maxima, all_reduce(*(self.maxima[k] for k in maxima), op=dist.ReduceOp.MAX) if maxima else []))
         out["loss"] = out["loss"] / len(self.steps)
         out["grad_norm"] = self.steps[-1][0]
         out["lr"] = self.steps[-1][1]

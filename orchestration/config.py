@@ -109,6 +109,12 @@ class RolloutConfig:
     """KV cache size per engine on CPU (`VLLM_CPU_KVCACHE_SPACE`)."""
     timeout_s: float = 600.0
     """Deadline for one generate call of one actor; past it the actor is treated as dead."""
+    max_staleness: int = 0
+    """Policy versions a trained completion may lag the learner. 0: synchronous (generate, score,
+    learn, sync, in turn). k >= 1: the engines generate the next k batches with the weights they
+    hold while the learner trains (one-step off-policy at 1); new weights load between batches;
+    the loss carries truncated importance weights (`algo.is_cap`). Needs engines and learner on
+    their own devices or cores (not `topology.colocate`)."""
 
 
 @dataclass
@@ -153,6 +159,10 @@ class LearnerConfig:
     with the learner before the first step."""
     mixed_precision: bool = True
     """bf16 compute with fp32 master weights and reductions (GPU only; CPU runs fp32)."""
+    share_prompts: bool = True
+    """Run each group's prompt once and its G completions on it (one packed row per group with a
+    block attention mask; gradients equal the plain pass) instead of G copies of the prompt. Used
+    where the model's attention takes such masks (sdpa, eager); plain padded rows otherwise."""
 
 
 @dataclass
@@ -190,6 +200,14 @@ class AlgoConfig:
     rollout.prompts_per_step informative groups (or `max_sampling_rounds` is reached)."""
     max_sampling_rounds: int = 3
     """Generation rounds per step under dynamic sampling (the first included)."""
+    old_logprobs: str = "learner"
+    """The ratio's old policy off-policy (rollout.max_staleness > 0): `learner` (its logprobs at
+    the weights before this step's update, with importance weights to the engine's sampling
+    policy, as verl and NeMo-RL do) or `engine` (the sampling policy's own logprobs; no weights)."""
+    is_cap: float = 2.0
+    """Truncated importance sampling cap: each token's loss is multiplied by
+    min(exp(logp_learner_old − logp_engine), is_cap) when rollout.max_staleness > 0 and
+    old_logprobs=learner (0 disables). Logged always (learner/is_weight_*)."""
 
 
 @dataclass
@@ -383,6 +401,12 @@ def validate(cfg: Any) -> None:
     check(a.loss in ("ppo", "gspo"), f"algo.loss must be ppo or gspo, got {a.loss!r}")
     check(a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
            f"algo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {a.loss_agg!r}")
+    check(r.max_staleness >= 0, f"rollout.max_staleness must be >= 0, got {r.max_staleness}")
+    check(r.max_staleness == 0 or not cfg.topology.colocate,
+           "rollout.max_staleness > 0 overlaps generation with training, but topology.colocate puts engines and "
+           "learner on the same devices in turn: use a disaggregated topology or max_staleness=0")
+    check(a.old_logprobs in ("learner", "engine"), f"algo.old_logprobs must be learner or engine, got {a.old_logprobs!r}")
+    check(a.is_cap >= 0, f"algo.is_cap must be >= 0 (0 disables), got {a.is_cap}")
     check(l.lr > 0, f"learner.lr must be > 0, got {l.lr}")
     check(l.logits_chunk_tokens >= 0, f"learner.logits_chunk_tokens must be >= 0, got {l.logits_chunk_tokens}")
     check(l.schedule in ("constant", "cosine"), f"learner.schedule must be constant or cosine, got {l.schedule!r}")

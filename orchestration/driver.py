@@ -14,8 +14,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
-from actors.scoring import Score
-from actors.types import Group, Prompt, SamplingSpec
+from actors.types import SamplingSpec
 from learner.batch import TrainBatch
 from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
@@ -25,8 +24,9 @@ from orchestration.config import sync_backend
 from orchestration.evaluation import EvalResult, evaluate
 from orchestration.metrics import RunLogger, Timer
 from orchestration.pools import RewardPool, RolloutPool
+from orchestration.producer import Producer, Sampled
 from orchestration.weight_sync import WeightSync
-from tasks.base import Problem, Task, prompt_text
+from tasks.base import Task, prompt_text
 
 log = logging.getLogger("raygrpo")
 
@@ -83,7 +83,8 @@ def start_actors(cfg: Any, placement: Placement) -> Actors:
     kl_in_loss = a.kl_coef if a.kl_in == "loss" else 0.0
     objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
                               max_tokens=r.max_new_tokens, kl_coef=kl_in_loss, kl_estimator=a.kl_estimator,
-                              entropy_coef=a.entropy_coef)
+                              entropy_coef=a.entropy_coef, is_cap=a.is_cap,
+                              off_policy=a.old_logprobs if r.max_staleness > 0 else "")
     learner = LearnerGroup(
         l.num_ranks, placement.options["learner"], model_path=cfg.model.path, objective=objective, lr=l.lr,
         betas=tuple(l.betas), weight_decay=l.weight_decay, warmup_steps=l.warmup_steps, schedule=l.schedule,
@@ -91,7 +92,7 @@ def start_actors(cfg: Any, placement: Placement) -> Actors:
         num_minibatches=l.num_minibatches, temperature=r.temperature, mixed_precision=l.mixed_precision,
         gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
         cpu_threads=max(1, int(cfg.topology.learner_cpus)), reference=a.kl_in == "reward" and a.kl_coef > 0,
-        logits_chunk=l.logits_chunk_tokens)
+        logits_chunk=l.logits_chunk_tokens, share_prompts=l.share_prompts)
     sync = WeightSync(learner, rollout, backend=sync_backend(cfg), dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
                       timeout_s=cfg.sync.timeout_s, workers_per_engine=r.tensor_parallel_size)
     sync.connect()
@@ -113,75 +114,55 @@ def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task) -> tuple[Eval
     test = task.test_set()
     evaluating = cfg.eval.enabled and bool(test)
     evaluate_now = lambda: evaluate(actors.rollout, test, eval_settings(cfg), cfg.task.system_prompt)  # noqa: E731
-    first = evaluate_now() if evaluating else None
-    pending = {**task.stats(), **(first.metrics if first else {})}  # logged with the next step
     spec = SamplingSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_tokens=r.max_new_tokens, stop=tuple(r.stop))
-    for step in range(cfg.steps):
-        timer = Timer()
-        if evaluating and step and every and step % every == 0:
-            with timer("eval"):
-                pending.update(evaluate_now().metrics)
-        sampled = sample_groups(cfg, task, step, actors, spec, timer)
-        if cfg.logger.samples_every_n_steps and step % cfg.logger.samples_every_n_steps == 0:
-            logger.log_samples(step, sample_rows(sampled, cfg.logger.samples_prompts))
-        if not sampled.groups:  # dynamic sampling found no informative group: nothing to learn from
-            log.warning("step %d: no informative group after %d rounds; skipping the update", step,
-                        sampled.metrics["sampling/rounds"])
-            logger.log(step, {**pending, **sampled.metrics, **timer.breakdown()})
+    producer = Producer(cfg, task, actors.rollout, actors.rewards, spec)
+    evals: list[EvalResult] = []
+    pending = dict(task.stats())  # logged with the next step
+    try:
+        for step in range(cfg.steps):
+            timer = Timer()
+            if evaluating and (step == 0 or (every and step % every == 0)):
+                with timer("eval"):  # the engines evaluate while the learner trains when k >= 1
+                    producer.evaluate(evaluate_now)
+            with timer("wait_rollout"):
+                sampled = producer.take(step)
+            pending.update(collect_evals(producer, evals))
+            if cfg.logger.samples_every_n_steps and step % cfg.logger.samples_every_n_steps == 0:
+                logger.log_samples(step, sample_rows(sampled, cfg.logger.samples_prompts))
+            if not sampled.groups:  # dynamic sampling found no informative group: nothing to learn from
+                log.warning("step %d: no informative group after %d rounds; skipping the update", step,
+                            sampled.metrics["sampling/rounds"])
+                logger.log(step, {**pending, **sampled.metrics, **timer.breakdown()})
+                pending = {}
+                continue
+            with timer("learner"):
+                actors.to_learner()
+                batch, rewards, padded = make_batch(cfg, sampled, actors.learner)
+                learner_metrics = actors.learner.train_step(batch)
+            with timer("sync"), actors.handover():
+                if actors.rollout.needs_resync:
+                    actors.sync.connect()
+                actors.sync.push(step + 1)
+            metrics = step_metrics(step, sampled, rewards, learner_metrics, timer, padded, actors)
+            logger.log(step, {**metrics, **pending})
             pending = {}
-            continue
-        with timer("learner"):
-            actors.to_learner()
-            batch, rewards, padded = make_batch(cfg, sampled, actors.learner)
-            learner_metrics = actors.learner.train_step(batch)
-        with timer("sync"), actors.handover():
-            if actors.rollout.needs_resync:
-                actors.sync.connect()
-            actors.sync.push(step + 1)
-        metrics = step_metrics(sampled, rewards, learner_metrics, timer, padded, actors)
-        logger.log(step, {**metrics, **pending})
-        pending = {}
-    final = evaluate_now() if evaluating else None
-    if final:
-        logger.log(cfg.steps, final.metrics, advance=False)
-    return first, final
+        if evaluating:
+            producer.evaluate(evaluate_now)
+            final = collect_evals(producer, evals, wait=True)
+            logger.log(cfg.steps, {**final, **pending}, advance=False)
+    finally:
+        producer.close()
+    return (evals[0], evals[-1]) if evals else (None, None)
 
 
-@dataclass
-class Sampled:
-    """One step's scored groups (informative ones only under dynamic sampling)."""
-
-    groups: list[Group]
-    scores: list[list[Score]]  # [P][G]
-    dropped: list[str]  # prompt ids over the length limit
-    metrics: dict[str, float]
-    problems: dict[str, Problem]  # by prompt id: answer and row of each group
-
-
-def sample_groups(cfg: Any, task: Task, step: int, actors: Actors, spec: SamplingSpec, timer: Timer) -> Sampled:
-    """Generate and score the step's groups. With DAPO's dynamic sampling, groups whose rewards are
-    all equal are dropped and further prompts drawn, for at most `algo.max_sampling_rounds` rounds."""
-    want, dynamic = cfg.rollout.prompts_per_step, cfg.algo.dynamic_sampling
-    out = Sampled([], [], [], {}, {})
-    generated = rounds = 0
-    while len(out.groups) < want and rounds < (cfg.algo.max_sampling_rounds if dynamic else 1):
-        problems = task.train_batch(step, want - len(out.groups), rounds)
-        out.problems.update((p.id, p) for p in problems)
-        with timer("generate"):
-            result = actors.rollout.generate([Prompt(p.id, p.prompt, cfg.task.system_prompt) for p in problems], spec)
-        with timer("reward"):
-            scores = actors.rewards.score(result.groups, out.problems)
-        for group, row in zip(result.groups, scores):
-            if not dynamic or len({s.reward for s in row if s.ok}) > 1:
-                out.groups.append(group)
-                out.scores.append(row)
-        out.dropped += result.dropped
-        generated += len(result.groups)
-        rounds += 1
-    out.metrics = {"sampling/rounds": float(rounds), "sampling/generated_groups": float(generated),
-                   "sampling/dropped_groups": float(generated - len(out.groups))}
-    return out
+def collect_evals(producer: Producer, evals: list[EvalResult], wait: bool = False) -> dict[str, float]:
+    """Metrics of the evaluations finished so far (eval/policy_version: the weights they judged)."""
+    metrics: dict[str, float] = {}
+    for result in producer.finished_evals(wait):
+        evals.append(result)
+        metrics.update(result.metrics)
+    return metrics
 
 
 def sample_rows(sampled: Sampled, num_prompts: int) -> list[dict[str, Any]]:
@@ -223,7 +204,7 @@ def save_outputs(cfg: Any, actors: Actors) -> Path:
     return policy
 
 
-def step_metrics(sampled: Sampled, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
+def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
                  padded: int, actors: Actors) -> dict[str, float]:
     """Everything a user watches per step, named `area/metric`."""
     scores = sampled.scores
@@ -237,7 +218,8 @@ def step_metrics(sampled: Sampled, rewards: torch.Tensor, learner: dict[str, flo
             for name, value in s.parts.items():
                 parts.setdefault(name, []).append(value)
     zero_var = [bool((row[~row.isnan()].unique().numel() <= 1)) for row in rewards]
-    times = timer.breakdown()
+    times = {**timer.breakdown(), **{k: v for k, v in sampled.metrics.items() if k.startswith("time/")}}
+    staleness = torch.tensor([float(step - g.version) for g in sampled.groups])  # the learner holds version `step`
     m = {
         "reward/mean": float(rewards[ok].mean()) if ok.any() else float("nan"),
         "reward/std": float(rewards[ok].std()) if ok.sum() > 1 else 0.0,
@@ -250,10 +232,13 @@ def step_metrics(sampled: Sampled, rewards: torch.Tensor, learner: dict[str, flo
         "rollout/prompts_dropped": float(len(sampled.dropped)),
         "rollout/actors_lost": float(actors.rollout.lost),
         "rollout/policy_version": float(min(g.version for g in sampled.groups)),
-        **sampled.metrics,
+        "rollout/staleness_mean": float(staleness.mean()),
+        "rollout/staleness_max": float(staleness.max()),
+        **{k: v for k, v in sampled.metrics.items() if not k.startswith("time/")},
         "learner/padding_sequences": float(padded),
         **{f"learner/{k}": v for k, v in learner.items()},
         "perf/tokens_per_s": float(lengths.sum()) / max(times["time/generate"], 1e-9),
+        "time/sync_wait_engines": actors.sync.waited_s,  # part of time/sync: generations in flight finishing
         **times,
     }
     if "accuracy" in parts:

@@ -26,26 +26,37 @@ class EvalResult:
 
 def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_prompt: str = "",
              num_samples: int = 4) -> EvalResult:
-    """`cfg`: max_new_tokens, pass_k, temperature, reward (the judging function), reward_timeout_s."""
-    prompts = [Prompt(p.id, p.prompt, system_prompt) for p in problems]
+    """`cfg`: max_new_tokens, pass_k, temperature, reward (the judging function), reward_timeout_s.
+    Greedy and sampled replies come from one engine batch, so from one policy version."""
     by_id = {p.id: p for p in problems}
-    greedy = rollout.generate(prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=cfg.max_new_tokens))
+    greedy_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=cfg.max_new_tokens)
+    sampled_spec = SamplingSpec(n=cfg.pass_k, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
+    prompts = [Prompt(p.id, p.prompt, system_prompt) for p in problems]
+    specs = [greedy_spec] * len(prompts)
+    if cfg.pass_k > 1:
+        prompts += [Prompt(f"{p.id}{SAMPLED}", p.prompt, system_prompt) for p in problems]
+        specs += [sampled_spec] * len(problems)
+    result = rollout.generate(prompts, specs)
+    greedy = [g for g in result.groups if not g.prompt.id.endswith(SAMPLED)]
+    sampled = [g for g in result.groups if g.prompt.id.endswith(SAMPLED)]
+    problem = lambda g: by_id[g.prompt.id.removesuffix(SAMPLED)]  # noqa: E731
     with Scorer({cfg.reward: 1.0}, timeout_s=cfg.reward_timeout_s) as scorer:
-        judged = [row[0] for row in scorer.score([score_request(g, by_id[g.prompt.id]) for g in greedy.groups])]
+        judged = [row[0] for row in scorer.score([score_request(g, problem(g)) for g in greedy])]
         values = [s.parts.get(cfg.reward, 0.0) for s in judged]
         metrics = {
             "eval/accuracy": sum(values) / max(1, len(problems)),
-            "eval/response_length": sum(len(g.completions[0].token_ids) for g in greedy.groups)
-            / max(1, len(greedy.groups)),
+            "eval/response_length": sum(len(g.completions[0].token_ids) for g in greedy) / max(1, len(greedy)),
             "eval/failed": float(sum(not s.ok for s in judged)),
+            "eval/policy_version": float(min((g.version for g in result.groups), default=0)),
         }
         if cfg.pass_k > 1:
-            spec = SamplingSpec(n=cfg.pass_k, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
-            sampled = rollout.generate(prompts, spec)
-            rows = scorer.score([score_request(g, by_id[g.prompt.id]) for g in sampled.groups])
+            rows = scorer.score([score_request(g, problem(g)) for g in sampled])
             hits = [any(s.parts.get(cfg.reward, 0.0) >= 1.0 for s in row) for row in rows]
             metrics[f"eval/pass@{cfg.pass_k}"] = sum(hits) / max(1, len(problems))
     samples = [{"prompt": prompt_text(g.prompt.content), "answer": by_id[g.prompt.id].answer,
                 "reply": g.completions[0].text, "correct": v >= 1.0}
-               for g, v in zip(greedy.groups[:num_samples], values)]
+               for g, v in zip(greedy[:num_samples], values)]
     return EvalResult(metrics, samples)
+
+
+SAMPLED = "#sampled"  # id suffix of the pass@k copies of the held-out prompts

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -42,6 +44,9 @@ class RolloutPool:
         self.timeout_s = timeout_s
         self.lost = 0  # actors dropped so far
         self.needs_resync = False
+        # Held to change the actors and to queue work on them: a producer thread may drop an actor or
+        # queue a generation while the driver syncs weights (see `WeightSync.push`).
+        self.lock = threading.RLock()
 
     @classmethod
     def start(cls, options: list[dict[str, Any]], model: str, timeout_s: float,
@@ -55,72 +60,105 @@ class RolloutPool:
         ray.get([a.ready.remote() for a in actors])
         return cls(actors, timeout_s)
 
-    def generate(self, prompts: list[Prompt], spec: SamplingSpec) -> GenerateResult:
-        """Generate every prompt's group, surviving the loss of actors (not of all of them)."""
-        pending, result = list(prompts), GenerateResult(groups=[], dropped=[])
-        while pending:
-            if not self.actors:
-                raise RuntimeError("every rollout actor has died")
-            refs = {a.generate.remote(s, spec): (a, s) for a, s in zip(self.actors, _chunks(pending, len(self.actors)))
-                    if s}
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout_s)  # one deadline for all
-            pending = []
-            for ref, (actor, shard) in refs.items():
-                try:
-                    if ref not in ready:
-                        raise GetTimeoutError(f"no reply within {self.timeout_s:g} s")
-                    part = ray.get(ref)
-                except (RayActorError, GetTimeoutError) as err:
-                    log.error("rollout actor lost (%s); re-generating its %d prompts on the others",
-                              type(err).__name__, len(shard))
-                    self._drop(actor)
-                    pending.extend(shard)
-                    continue
-                result.groups.extend(part.groups)
-                result.dropped.extend(part.dropped)
+    def generate(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> GenerateResult:
+        """Every prompt's group, in prompt order (see `stream`)."""
+        result = GenerateResult(groups=[], dropped=[])
+        for part in self.stream(prompts, spec):
+            result.groups.extend(part.groups)
+            result.dropped.extend(part.dropped)
         order = {p.id: i for i, p in enumerate(prompts)}
         result.groups.sort(key=lambda g: order[g.prompt.id])
         return result
 
+    def stream(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> Iterator[GenerateResult]:
+        """Each prompt's group as soon as an engine finishes it, surviving the loss of actors (not of
+        all of them): an actor that dies, or when no engine yields anything for `timeout_s`, is
+        dropped and its unfinished prompts are re-generated on the survivors. `spec`: one for all
+        prompts, or one per prompt."""
+        specs = dict(zip((p.id for p in prompts), spec if isinstance(spec, list) else [spec] * len(prompts)))
+        pending = list(prompts)
+        while pending:
+            with self.lock:
+                if not self.actors:
+                    raise RuntimeError("every rollout actor has died")
+                streams = {a.stream.remote(s, [specs[p.id] for p in s]): (a, {p.id: p for p in s})
+                           for a, s in zip(self.actors, _chunks(pending, len(self.actors))) if s}
+            pending = []
+            while streams:
+                ready, _ = ray.wait(list(streams), num_returns=1, timeout=self.timeout_s)
+                for ref in ready or list(streams):  # none within the deadline: every silent actor is lost
+                    actor, left = streams[ref]
+                    try:
+                        if not ready:
+                            raise GetTimeoutError(f"no group within {self.timeout_s:g} s")
+                        part = ray.get(next(ref))
+                    except StopIteration:
+                        del streams[ref]
+                        continue
+                    except (RayActorError, GetTimeoutError) as err:
+                        log.error("rollout actor lost (%s); re-generating its %d unfinished prompts on the others",
+                                  type(err).__name__, len(left))
+                        self._drop(actor)
+                        pending.extend(left.values())
+                        del streams[ref]
+                        continue
+                    for gone in [g.prompt.id for g in part.groups] + part.dropped:
+                        left.pop(gone, None)
+                    yield part
+
     def _drop(self, actor) -> None:
-        del self.slots[self.actors.index(actor)]
-        self.actors.remove(actor)
+        with self.lock:
+            if actor not in self.actors:
+                return
+            del self.slots[self.actors.index(actor)]
+            self.actors.remove(actor)
+            self.lost += 1
+            self.needs_resync = True
         ray.kill(actor, no_restart=True)
-        self.lost += 1
-        self.needs_resync = True
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
-        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        with self.lock:
+            return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
 
 class RewardPool:
     def __init__(self, options: list[dict[str, Any]], functions: dict[str, float], timeout_s: float):
         remote = ray.remote(Scorer)
         self.actors = [remote.options(**opt).remote(dict(functions), timeout_s) for opt in options]
+        self.turn = 0
 
     def score(self, groups: list[Group], problems: dict[str, Problem]) -> list[list[Score]]:
         """Scores [P][G] for the groups, spreading whole groups over the reward actors."""
         requests = [score_request(g, problems[g.prompt.id]) for g in groups]
-        shards = _chunks(list(range(len(groups))), len(self.actors))
-        out: list[list[Score]] = [[] for _ in groups]
-        todo = [(a, s) for a, s in zip(self.actors, shards) if s]
-        while todo:
-            refs = [(a.score.remote([requests[i] for i in s]), a, s) for a, s in todo]
-            todo = []
-            for ref, actor, shard in refs:
-                try:
-                    rows = ray.get(ref)
-                except RayActorError:
-                    log.error("reward actor lost; re-scoring its %d groups on another", len(shard))
-                    if actor in self.actors:
-                        self.actors.remove(actor)
-                    if not self.actors:
-                        raise RuntimeError("every reward actor has died") from None
-                    todo.append((self.actors[0], shard))
-                    continue
-                for i, row in zip(shard, rows):
-                    out[i] = row
-        return out
+        jobs = [self.submit(chunk) for chunk in _chunks(requests, len(self.actors))]  # all running before any wait
+        return [row for job in jobs for row in self.gather(job)]
+
+    def submit(self, requests: list[ScoreRequest]) -> "ScoreJob":
+        """Start scoring some groups on the next reward actor (round robin); `gather` waits."""
+        actor = self.actors[self.turn % len(self.actors)]
+        self.turn += 1
+        return ScoreJob(actor.score.remote(requests) if requests else None, actor, requests)
+
+    def gather(self, job: "ScoreJob") -> list[list[Score]]:
+        """The job's scores [groups][G]; a dead reward actor's job is re-run on another."""
+        while job.ref is not None:
+            try:
+                return ray.get(job.ref)
+            except RayActorError:
+                log.error("reward actor lost; re-scoring its %d groups on another", len(job.requests))
+                if job.actor in self.actors:
+                    self.actors.remove(job.actor)
+                if not self.actors:
+                    raise RuntimeError("every reward actor has died") from None
+                job = self.submit(job.requests)
+        return []
+
+
+@dataclass
+class ScoreJob:
+    ref: ray.ObjectRef | None  # resolves to [groups][G] scores
+    actor: Any
+    requests: list[ScoreRequest]
 
 
 def score_request(group: Group, problem: Problem) -> ScoreRequest:

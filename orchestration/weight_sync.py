@@ -9,6 +9,8 @@ learner's: a mismatch or a timeout raises, so an engine never silently keeps sta
 
 from __future__ import annotations
 
+import time
+
 import ray
 
 from learner.group import LearnerGroup
@@ -31,6 +33,7 @@ class WeightSync:
         self.generation = -1
         self.version = 0
         self.last_checksums: list[tuple[int, int]] = []  # what the engines reported loading
+        self.waited_s = 0.0  # last push: time spent waiting for generations in flight
 
     def connect(self) -> None:
         """Form a new generation of the group with the current engines."""
@@ -63,9 +66,16 @@ class WeightSync:
         return refs
 
     def push(self, version: int) -> None:
-        """Broadcast the learner's weights as `version`; verify every engine loaded them."""
+        """Broadcast the learner's weights as `version`; verify every engine loaded them. Generations
+        in flight (max_staleness >= 1) finish first with the weights they started with, and none is
+        queued before the load: the broadcast starts when the engines are ready to receive it."""
+        with self.rollout.lock:
+            start = time.perf_counter()
+            busy = self.rollout.call("ready")  # answered once each engine's queued generations are done
+            ray.wait(busy, num_returns=len(busy), timeout=self.rollout.timeout_s)
+            self.waited_s = time.perf_counter() - start  # for the engines to finish generating
+            engine_refs = self.rollout.call("receive_weights", version)
         learner_refs = self.learner.broadcast_weights()
-        engine_refs = self.rollout.call("receive_weights", version)
         results = self._wait(learner_refs + engine_refs, f"weight sync v{version}")
         sent = next((r for r in results[:len(learner_refs)] if r), [])  # every sending rank sends the same
         received = results[len(learner_refs):]

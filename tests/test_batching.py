@@ -337,6 +337,31 @@ def test_grpo_objective_kl_reference():
     assert not GRPOObjective(kl_coef=0.0).needs_reference
 
 
+def test_grpo_objective_off_policy_modes():
+    logp = torch.tensor(LOGP, requires_grad=True)
+    engine = logp.detach() - torch.tensor([[0.5, -0.1, 0.0], [0.0, 0.2, 3.0]])  # weights e^.5, e^-.1, 1, 1, e^.2, e^3
+
+    def run(**kw):
+        logp.grad = None
+        mb = _micro(logp, logp.detach().clone(), MASK, ADV)
+        mb.engine_logp = engine
+        loss, metrics = GRPOObjective(agg="token_mean", is_cap=2.0, **kw)(mb)
+        loss.backward()
+        return loss.item(), logp.grad.clone(), metrics
+
+    plain_loss, plain_grad, _ = run()  # the synchronous loop: engine logprobs only logged
+    mb = _micro(logp, logp.detach().clone(), MASK, ADV)
+    base_loss, _ = GRPOObjective(agg="token_mean")(mb)
+    assert plain_loss == base_loss.item()  # bitwise: max_staleness=0 trains exactly as before
+    loss, grad, metrics = run(off_policy="learner")
+    w = torch.tensor([[math.exp(0.5), math.exp(-0.1), 1.0], [1.0, math.exp(0.2), 2.0]])  # e^3 capped at 2
+    assert torch.allclose(grad, plain_grad * w, atol=1e-6)  # each token's gradient × its truncated weight
+    assert metrics["is_clipped_frac"].item() == pytest.approx(1 / 5)  # 5 valid tokens, the e^3 one capped
+    assert metrics["is_weight_max"].item() == pytest.approx(2.0)
+    _, grad, metrics = run(off_policy="engine")  # ratio against the engine's logprobs, no weights
+    assert metrics["ratio_mean"].item() != pytest.approx(1.0)
+
+
 def test_sft_objective_mean_nll():
     logp = torch.tensor(LOGP, requires_grad=True)
     mb = _micro(logp, logp.detach().clone(), MASK, ADV)

@@ -15,6 +15,7 @@ from learner.grpo import (
     overlong_penalty,
     policy_loss,
     rloo_advantages,
+    truncated_is_weights,
 )
 
 F64 = torch.float64
@@ -301,3 +302,27 @@ def test_informative_groups():
     out = informative_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), 2)
     assert out.dtype == torch.bool and out.tolist() == [False, True, False]
     assert informative_groups(torch.tensor([1, 1, 1, 0, 1, 0]), 3).tolist() == [False, True]
+
+
+def test_truncated_is_weights_values_cap_and_stats():
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9]], dtype=F64))
+    engine = torch.log(torch.tensor([[0.25, 0.4, 0.1]], dtype=F64))  # raw ratios 2, 0.5, 9
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w, m = truncated_is_weights(old, engine, mask, cap=1.5)
+    assert torch.allclose(w, torch.tensor([[1.5, 0.5, 1.0]], dtype=w.dtype))  # capped; 1 where masked
+    assert m["is_weight_mean"].item() == pytest.approx(1.0)
+    assert m["is_weight_max"].item() == pytest.approx(1.5)
+    assert m["is_clipped_frac"].item() == pytest.approx(0.5)
+    w, m = truncated_is_weights(old, engine, mask, cap=0)  # no truncation
+    assert w[0, 0].item() == pytest.approx(2.0) and m["is_clipped_frac"].item() == 0.0
+
+
+def test_token_weights_scale_each_tokens_loss_and_gradient():
+    logp = torch.tensor([[-1.0, -2.0]], dtype=F64, requires_grad=True)
+    adv, mask = torch.tensor([1.0], dtype=F64), torch.ones(1, 2)
+    weights = torch.tensor([[0.5, 2.0]], dtype=F64)
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, agg="token_mean", token_weights=weights)
+    loss.backward()
+    # ratio 1: per-token loss -A, gradient -A/T per token, each scaled by its weight
+    assert loss.item() == pytest.approx(-(0.5 + 2.0) / 2)
+    assert logp.grad[0].tolist() == pytest.approx([-0.25, -1.0])

@@ -143,12 +143,15 @@ def test_zero_gpu_actors_see_no_gpu_and_choose_the_cpu(ray_local):
 
 
 class Doomed:
-    """A rollout actor whose process dies mid-generate (a real actor death, as on a lost node)."""
+    """A rollout actor whose process dies mid-stream (a real actor death, as on a lost node)."""
 
-    def generate(self, prompts, spec):
+    def stream(self, prompts, spec):
         import os
 
-        os._exit(1)
+        from actors.types import GenerateResult
+
+        yield GenerateResult([], [])  # it started...
+        os._exit(1)  # ...and its prompts are lost with it
 
     def join_weight_group(self, **kwargs):
         raise AssertionError("a dead actor must not be asked to rejoin")

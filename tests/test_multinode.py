@@ -1,6 +1,7 @@
 """End to end: `raygrpo experiment=smoke` (tiny model, 2 rollout actors, 1 reward worker, 2 learner
 ranks, 3 steps) on a real two-node Ray cluster on this machine, on loopback only, submitted with
-`ray job submit`, engines pinned to one node and the learner to the other. (The local path, where
+`ray job submit`, engines pinned to one node and the learner to the other — disaggregated, so
+with `rollout.max_staleness=1`: the engines generate step s+1 while the learner trains step s. (The local path, where
 the driver starts its own Ray, runs end to end in test_e2e_data.py.)
 
 Both raylets run here (`ray start --block`, each in a process group the test owns and kills
@@ -97,7 +98,8 @@ def test_smoke_job_on_a_two_node_cluster(tmp_path, cache_dir):
 
         out = tmp_path / "run"
         entry = (f"cd {ROOT} && {sys.executable} -m orchestration experiment=smoke output_dir={out} "
-                 "logger.progress=false +topology.rollout_resources.node_a=1 +topology.learner_resources.node_b=1")
+                 "logger.progress=false +topology.rollout_resources.node_a=1 +topology.learner_resources.node_b=1 "
+                 "rollout.max_staleness=1")
         deadline = time.monotonic() + 120
         while True:  # the agents that take jobs come up a little after the raylets
             sub = job(env, dashboard, "submit", "--no-wait", "--submission-id", "smoke", "--", "bash", "-c", entry)
@@ -138,6 +140,8 @@ REQUIRED = [
     "learner/clip_frac_low", "learner/clip_frac_high", "learner/approx_kl", "learner/kl_ref",
     "learner/entropy", "learner/grad_norm", "learner/lr", "learner/logprob_mismatch",
     "perf/tokens_per_s", "time/generate", "time/reward", "time/learner", "time/sync", "time/other",
+    "rollout/staleness_mean", "rollout/staleness_max", "learner/is_weight_mean", "learner/is_weight_max",
+    "learner/is_clipped_frac", "learner/padding_frac",
 ]
 
 
@@ -154,8 +158,13 @@ def check_smoke_run(out: Path, cache: Path) -> None:
     for row in rows[:3]:
         missing = [k for k in REQUIRED if k not in row]
         assert not missing, missing
-        assert row["learner/logprob_mismatch"] < 1e-3  # engines sample from the learner's weights
-    assert rows[2]["rollout/policy_version"] == 2  # step 2 sampled from the weights of step 1
+    # max_staleness=1: step 0 from the initial weights; steps 1 and 2 generated while the learner
+    # trained the step before, with the weights one update behind (importance-weighted)
+    assert [r["rollout/staleness_max"] for r in rows[:3]] == [0, 1, 1]
+    assert [r["rollout/policy_version"] for r in rows[:3]] == [0, 0, 1]
+    assert rows[0]["learner/logprob_mismatch"] < 1e-3  # engines sample from the learner's weights
+    assert rows[0]["learner/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert all(0.5 < r["learner/is_weight_mean"] < 2 for r in rows[1:3])
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run"
     assert (out / "curves.png").stat().st_size > 10_000 and "| eval/accuracy |" in (out / "report.md").read_text()
 

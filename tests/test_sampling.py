@@ -1,5 +1,6 @@
-"""The driver's step assembly without actors: DAPO dynamic sampling, overlong shaping and
-KL-in-reward, with small stand-in pools that behave like the real ones (deterministic rewards)."""
+"""The driver's step assembly without actors: DAPO dynamic sampling, overlong shaping,
+KL-in-reward and production ahead of the learner (staleness bound), with small stand-in pools
+that behave like the real ones (deterministic rewards, groups streamed out of order)."""
 
 from __future__ import annotations
 
@@ -12,28 +13,41 @@ from omegaconf import OmegaConf
 from actors.scoring import Score
 from actors.types import Completion, GenerateResult, Group
 from orchestration.config import Config
-from orchestration.driver import Timer, make_batch, sample_groups
+from orchestration.driver import make_batch
+from orchestration.producer import Producer
 from tasks.arithmetic import ArithmeticTask
 
 
 class Engines:
-    """Completions whose text is the prompt id; lengths 1..G."""
+    """Completions whose text is the prompt id; lengths 1..G; groups streamed last prompt first,
+    stamped with the version the engine holds when it starts (`load` sets it)."""
 
-    def generate(self, prompts, spec):
-        groups = [Group(p, [1, 2], [Completion([7] * (j + 1), [-0.5] * (j + 1), "stop", p.id)
-                                    for j in range(spec.n)], 0) for p in prompts]
-        return GenerateResult(groups)
+    def __init__(self):
+        self.version = 0
+
+    def load(self, version):
+        self.version = version
+
+    def stream(self, prompts, spec):
+        version = self.version
+        yield GenerateResult([], [])
+        for p in reversed(prompts):
+            yield GenerateResult([Group(p, [1, 2], [Completion([7] * (j + 1), [-0.5] * (j + 1), "stop", p.id)
+                                                    for j in range(spec.n)], version)])
 
 
 class Rewards:
     """First-round prompts with an even index get all-equal rewards; all others are informative."""
 
-    def score(self, groups, answers):
-        def flat(g):
-            step, index = g.prompt.id.split("/")[1:]
+    def submit(self, requests):
+        def flat(text):
+            step, index = text.split("/")[1:]
             return "." not in step and int(index) % 2 == 0
-        return [[Score(1.0 if flat(g) else float(j), {}, "ok") for j in range(len(g.completions))]
-                for g in groups]
+        return [[Score(1.0 if flat(r.completions[0]) else float(j), {}, "ok") for j in range(len(r.completions))]
+                for r in requests]
+
+    def gather(self, job):
+        return job
 
 
 def cfg_with(**algo):
@@ -45,22 +59,32 @@ def cfg_with(**algo):
     return cfg
 
 
-def sample(cfg):
-    actors = SimpleNamespace(rollout=Engines(), rewards=Rewards())
+def producer(cfg, engines=None):
     spec = SimpleNamespace(n=cfg.rollout.group_size)
-    return sample_groups(cfg, ArithmeticTask(seed=0), step=3, actors=actors, spec=spec, timer=Timer())
+    return Producer(cfg, ArithmeticTask(seed=0), engines or Engines(), Rewards(), spec)
 
 
-def test_without_dynamic_sampling_all_groups_are_kept():
+def sample(cfg):
+    return producer(cfg).produce(3)
+
+
+def counts(metrics):
+    return {k: v for k, v in metrics.items() if k.startswith("sampling/")}
+
+
+def test_without_dynamic_sampling_all_groups_are_kept_in_prompt_order():
     out = sample(cfg_with())
-    assert len(out.groups) == 4
-    assert out.metrics == {"sampling/rounds": 1.0, "sampling/generated_groups": 4.0, "sampling/dropped_groups": 0.0}
+    assert [g.prompt.id for g in out.groups] == [f"train/3/{i}" for i in range(4)]  # streamed in reverse
+    assert [s.reward for s in out.scores[0]] == [1.0] * 4 and [s.reward for s in out.scores[1]] == [0.0, 1.0, 2.0, 3.0]
+    assert counts(out.metrics) == {"sampling/rounds": 1.0, "sampling/generated_groups": 4.0,
+                                   "sampling/dropped_groups": 0.0}
 
 
 def test_dynamic_sampling_drops_all_equal_groups_and_draws_more():
     out = sample(cfg_with(dynamic_sampling=True, max_sampling_rounds=5))
     # round 0: 4 drawn, 2 informative; round 1: 2 more drawn (new problems), both informative
-    assert out.metrics == {"sampling/rounds": 2.0, "sampling/generated_groups": 6.0, "sampling/dropped_groups": 2.0}
+    assert counts(out.metrics) == {"sampling/rounds": 2.0, "sampling/generated_groups": 6.0,
+                                   "sampling/dropped_groups": 2.0}
     ids = [g.prompt.id for g in out.groups]
     assert ids == ["train/3/1", "train/3/3", "train/3.1/0", "train/3.1/1"]
     assert all(len({s.reward for s in row}) > 1 for row in out.scores)
@@ -69,6 +93,43 @@ def test_dynamic_sampling_drops_all_equal_groups_and_draws_more():
 def test_dynamic_sampling_stops_at_the_round_limit():
     out = sample(cfg_with(dynamic_sampling=True, max_sampling_rounds=1))
     assert len(out.groups) == 2 and out.metrics["sampling/dropped_groups"] == 2.0
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_productions_run_ahead_by_at_most_k_versions(k):
+    """The driver's order: take(step), train, load version step + 1 — which on a real engine waits
+    behind the generations already queued (as here). Completions trained at step s must come from
+    version >= s - k, and with k >= 1 the productions must really run ahead (overlap)."""
+    cfg = cfg_with()
+    cfg.steps, cfg.rollout.max_staleness = 6, k
+    engines = Engines()
+    p = producer(cfg, engines)
+    lags = []
+    try:
+        for step in range(cfg.steps):
+            out = p.take(step)
+            lags += [step - g.version for g in out.groups]
+            if p.thread:
+                p.thread.submit(lambda: None).result()  # what is queued runs before the load
+            engines.load(step + 1)
+    finally:
+        p.close()
+    assert min(lags) >= 0 and max(lags) <= k
+    assert max(lags) == k if k else set(lags) == {0}
+
+
+def test_evaluations_come_back_in_order_with_their_step():
+    cfg = cfg_with()
+    cfg.steps, cfg.rollout.max_staleness = 3, 1
+    p = producer(cfg)
+    try:
+        for step in range(3):
+            p.evaluate(lambda step=step: f"eval of {step}")
+            p.take(step)
+        assert p.finished_evals(wait=True)[-1] == "eval of 2"
+        assert p.finished_evals(wait=True) == []
+    finally:
+        p.close()
 
 
 class Reference:

@@ -108,6 +108,19 @@ def test_pack_unpack_round_trip_bfloat16_cast():
     assert got["y"].float().tolist() == [[3.0, 256.0]]
 
 
+def test_pack_into_a_reused_buffer():
+    """The learner packs every bucket of a sync into the front of one buffer."""
+    ts = _tensors()
+    bucket = [TensorSpec(n, tuple(t.shape)) for n, t in ts.items()]
+    numel = sum(s.numel for s in bucket)
+    space = torch.full((numel + 5,), 7.0)
+    buf = pack(ts.values(), numel, torch.float32, "cpu", out=space)
+    assert buf.data_ptr() == space.data_ptr() and buf.shape == (numel,)
+    for (name, view), (_, ref) in zip(unpack(buf, bucket), ts.items()):
+        assert torch.equal(view, ref), name
+    assert space[numel:].tolist() == [7.0] * 5
+
+
 def test_pack_wrong_numel_fails():
     with pytest.raises((AssertionError, RuntimeError)):
         pack([torch.ones(3)], 5, torch.float32, "cpu")
@@ -116,26 +129,40 @@ def test_pack_wrong_numel_fails():
 # --------------------------------------------------------------------------- checksums
 
 
+def _reference_checksum(buf: torch.Tensor) -> tuple[int, int]:
+    """The definition, in plain Python: little-endian int64 words (the last one zero-padded), their
+    sum and their sum weighted by (index mod 127) + 1, both modulo 2^64 as signed int64."""
+    data = bytes(buf.reshape(-1).view(torch.uint8).tolist())
+    data += bytes(-len(data) % 8)
+    words = [int.from_bytes(data[i:i + 8], "little", signed=True) for i in range(0, len(data), 8)]
+    signed = lambda v: (v + (1 << 63)) % (1 << 64) - (1 << 63)  # noqa: E731
+    return signed(sum(words)), signed(sum(w * (i % 127 + 1) for i, w in enumerate(words)))
+
+
 def test_checksum_values_by_hand():
-    # int16 words 1, 2, 3: sum 6; weights (index % 127) + 1 = 1, 2, 3 -> 1 + 4 + 9 = 14
-    assert checksum(torch.tensor([1, 2, 3], dtype=torch.int16)) == (6, 14)
-    # fp32 1.0 is 0x3F800000: little-endian words 0x0000, 0x3F80 = 16256 (weights 1, 2)
-    assert checksum(torch.tensor([1.0])) == (16256, 2 * 16256)
-
-
-def test_checksum_chunks_add_up_to_the_whole():
-    """Across chunk boundaries (and past the 127 weight period) it equals the one-shot definition."""
-    from learner.weights import CHECKSUM_CHUNK
-
-    x = torch.randn(CHECKSUM_CHUNK // 2 + 1001, generator=torch.Generator().manual_seed(0))  # 2 chunks of words
-    words = x.view(torch.int16).to(torch.int64)
-    weights = torch.arange(words.numel(), dtype=torch.int64) % 127 + 1
-    assert checksum(x) == (int(words.sum()), int((words * weights).sum()))
+    # int64 words 1, 2, 3: sum 6; weights (index % 127) + 1 = 1, 2, 3 -> 1 + 4 + 9 = 14
+    assert checksum(torch.tensor([1, 2, 3], dtype=torch.int64)) == (6, 14)
+    # fp32 1.0 is 0x3F800000: with 0.0 after it, one little-endian word 0x3F800000 (weight 1)
+    assert checksum(torch.tensor([1.0, 0.0])) == (0x3F800000, 0x3F800000)
+    # 6 bytes: one word, zero-padded: 1 + 2 * 2^16 + 3 * 2^32
+    assert checksum(torch.tensor([1, 2, 3], dtype=torch.int16)) == (1 + (2 << 16) + (3 << 32),) * 2
+    x = torch.randn(1001, generator=torch.Generator().manual_seed(0))
     assert checksum(x.to(torch.bfloat16)) != checksum(x.to(torch.float16))  # the bits, not the values
 
 
+@pytest.mark.parametrize("numel", [0, 1, 3, 254, 255, 256, 1016, 1017, 5001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_checksum_matches_the_definition(numel, dtype):
+    """Across the 127-word rows, the tail words, a partial last word, and wrapping past 2^63."""
+    x = (torch.randn(numel, generator=torch.Generator().manual_seed(numel)) * 1e9).to(dtype)
+    assert checksum(x) == _reference_checksum(x)
+    assert checksum(x.view(torch.uint8)) == checksum(x)  # the bytes, not the dtype
+    if numel > 1:
+        assert checksum(x[1:]) == _reference_checksum(x[1:])  # unaligned views too
+
+
 def test_checksum_has_no_full_size_temporaries(tmp_path):
-    """A float64 copy of a 256 MiB bf16 buffer would add 1 GiB; chunked integer sums add ~64 MiB."""
+    """A widened (int64 or float64) copy of a 256 MiB bf16 buffer would add 1 GiB; int64 views add nothing."""
     script = (
         "import resource, torch\nfrom learner.weights import checksum\n"
         "x = torch.ones(128 << 20, dtype=torch.bfloat16)\nx.view(torch.int16).sum()\n"
@@ -146,7 +173,7 @@ def test_checksum_has_no_full_size_temporaries(tmp_path):
 
     grown_kib = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                                    cwd=Path(__file__).resolve().parent.parent).stdout)
-    assert grown_kib < 160 << 10, f"checksum grew the process by {grown_kib >> 10} MiB"
+    assert grown_kib < 16 << 10, f"checksum grew the process by {grown_kib >> 10} MiB"
 
 
 def test_checksum_equal_for_equal_buffers():
@@ -157,7 +184,7 @@ def test_checksum_equal_for_equal_buffers():
 def test_checksum_order_sensitive():
     a = torch.arange(10, dtype=torch.float32)
     b = a.clone()
-    b[2], b[3] = a[3].item(), a[2].item()
+    b[2:4], b[4:6] = a[4:6], a[2:4]  # swap two whole 8-byte words
     ca, cb = checksum(a), checksum(b)
     assert ca[0] == cb[0]  # the plain sum cannot see a swap
     assert ca[1] != cb[1]  # the weighted sum does
