@@ -1,4 +1,5 @@
-"""The training loop, top to bottom: prompts → generate → score → advantages → update → sync → log."""
+"""The training loop, top to bottom: prompts → generate → score → advantages → update → sync → log
+(generation and scoring live in `producer.py`, in turn with the learner or ahead of it)."""
 
 from __future__ import annotations
 
@@ -102,9 +103,10 @@ def start_actors(cfg: Any, placement: Placement) -> Actors:
     return Actors(rollout, rewards, learner, sync, colocated=cfg.topology.colocate)
 
 
-def eval_settings(cfg: Any) -> SimpleNamespace:
+def eval_settings(cfg: Any, midway: bool = False) -> SimpleNamespace:
     e = cfg.eval
-    return SimpleNamespace(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, pass_k=e.pass_k,
+    pass_k = 1 if midway and not e.pass_k_midway else e.pass_k
+    return SimpleNamespace(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, pass_k=pass_k,
                            temperature=e.temperature, reward=e.reward, reward_timeout_s=cfg.reward.timeout_s)
 
 
@@ -113,7 +115,10 @@ def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task) -> tuple[Eval
     r, every = cfg.rollout, cfg.eval.every_n_steps
     test = task.test_set()
     evaluating = cfg.eval.enabled and bool(test)
-    evaluate_now = lambda: evaluate(actors.rollout, test, eval_settings(cfg), cfg.task.system_prompt)  # noqa: E731
+
+    def evaluate_now(midway: bool = False) -> EvalResult:
+        return evaluate(actors.rollout, test, eval_settings(cfg, midway), cfg.task.system_prompt)
+
     spec = SamplingSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_tokens=r.max_new_tokens, stop=tuple(r.stop))
     producer = Producer(cfg, task, actors.rollout, actors.rewards, spec)
@@ -124,7 +129,7 @@ def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task) -> tuple[Eval
             timer = Timer()
             if evaluating and (step == 0 or (every and step % every == 0)):
                 with timer("eval"):  # the engines evaluate while the learner trains when k >= 1
-                    producer.evaluate(evaluate_now)
+                    producer.evaluate(lambda midway=step > 0: evaluate_now(midway))
             with timer("wait_rollout"):
                 sampled = producer.take(step)
             pending.update(collect_evals(producer, evals))

@@ -173,3 +173,12 @@ def test_sample_rows_carry_prompt_answer_parts_and_version():
     assert rows[0]["prompt"] == problem.prompt and rows[0]["answer"] == problem.answer
     assert [r["reward"] for r in rows[4:]] == [0.0, 1.0, 2.0, 3.0]  # the informative second prompt
     assert {r["policy_version"] for r in rows} == {0} and rows[0]["status"] == "ok"
+
+
+def test_midway_evaluations_are_greedy_unless_asked():
+    from orchestration.driver import eval_settings
+
+    cfg = cfg_with()
+    assert eval_settings(cfg).pass_k == 4 and eval_settings(cfg, midway=True).pass_k == 1
+    cfg.eval.pass_k_midway = True
+    assert eval_settings(cfg, midway=True).pass_k == 4
