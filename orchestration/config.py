@@ -463,15 +463,6 @@ def validate_rewards(cfg: Any) -> None:
                f"(>= {TIME_LIMIT_S + 2:g}; reward=code sets 15)")
 
 
-def sync_backend(cfg: Any) -> str:
-    """The weight-broadcast backend: `sync.backend`, or for `auto` NCCL when both sides have GPUs."""
-    if cfg.sync.backend != "auto":
-        return cfg.sync.backend
-    if cfg.topology.colocate:
-        return "shared"
-    return "nccl" if cfg.topology.rollout_gpus > 0 and cfg.topology.learner_gpus > 0 else "gloo"
-
-
 ALL_ROLES = ("rollout", "learner", "reward")
 
 

@@ -21,7 +21,7 @@ from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
 from orchestration.batching import build_batch, overlong_shaping, pad_to_multiple
 from orchestration.cluster import Placement
-from orchestration.config import sync_backend
+from orchestration.gpu_layout import sync_backend
 from orchestration.evaluation import EvalResult, evaluate
 from orchestration.metrics import RunLogger, Timer
 from orchestration.pools import RewardPool, RolloutPool

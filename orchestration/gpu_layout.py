@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestration.config import ConfigError, check, sync_backend
+from orchestration.config import ConfigError, check
 
 
 def validate_gpus(cfg: Any) -> None:
@@ -59,3 +59,12 @@ def validate_colocation(cfg: Any) -> None:
     check(all(g == 0 for g in gpus) or (all(g > 0 for g in gpus) and sum(gpus) <= 1),
            f"topology.colocate shares one GPU per pair: topology.rollout_gpus + topology.learner_gpus must be <= 1 "
            f"with both > 0 (e.g. 0.5 and 0.5), or both 0 on CPU; got {gpus[0]:g} and {gpus[1]:g}")
+
+
+def sync_backend(cfg: Any) -> str:
+    """The weight-broadcast backend: `sync.backend`, or for `auto` NCCL when both sides have GPUs."""
+    if cfg.sync.backend != "auto":
+        return cfg.sync.backend
+    if cfg.topology.colocate:
+        return "shared"
+    return "nccl" if cfg.topology.rollout_gpus > 0 and cfg.topology.learner_gpus > 0 else "gloo"

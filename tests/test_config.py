@@ -226,7 +226,7 @@ def test_validate_accepts_workable_gpu_topologies(overrides):
 
 
 def test_sync_backend_auto():
-    from orchestration.config import sync_backend
+    from orchestration.gpu_layout import sync_backend
 
     assert sync_backend(make_cfg()) == "gloo"
     assert sync_backend(make_cfg("topology=gpu_pools")) == "nccl"
