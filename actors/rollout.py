@@ -70,10 +70,7 @@ class RolloutActor:
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> GenerateResult:
         """Sample `spec.n` completions for each prompt, all at once (see `stream`), in prompt order."""
-        parts = list(self.stream(prompts, spec))
-        order = {p.id: i for i, p in enumerate(prompts)}
-        groups = sorted((g for part in parts for g in part.groups), key=lambda g: order[g.prompt.id])
-        return GenerateResult(groups=groups, dropped=parts[0].dropped)
+        return GenerateResult.merge(self.stream(prompts, spec), prompts)
 
     def stream(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> Iterator[GenerateResult]:
         """Yield the prompts over the length limit (dropped) first, then each prompt's group as soon

@@ -7,7 +7,7 @@ for training. `text` is kept only for rewards and reports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 Messages = tuple[dict[str, str], ...]  # [{"role": ..., "content": ...}], used as is with the chat template
 
@@ -64,6 +64,17 @@ class Group:
 class GenerateResult:
     groups: list[Group]
     dropped: list[str] = field(default_factory=list)  # ids of prompts longer than the limit
+
+    @classmethod
+    def merge(cls, parts: Iterable["GenerateResult"], prompts: list[Prompt]) -> "GenerateResult":
+        """One result from streamed parts, groups in the order of `prompts`."""
+        out = cls(groups=[], dropped=[])
+        for part in parts:
+            out.groups += part.groups
+            out.dropped += part.dropped
+        order = {p.id: i for i, p in enumerate(prompts)}
+        out.groups.sort(key=lambda g: order[g.prompt.id])
+        return out
 
 
 @dataclass

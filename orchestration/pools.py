@@ -62,13 +62,7 @@ class RolloutPool:
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> GenerateResult:
         """Every prompt's group, in prompt order (see `stream`)."""
-        result = GenerateResult(groups=[], dropped=[])
-        for part in self.stream(prompts, spec):
-            result.groups.extend(part.groups)
-            result.dropped.extend(part.dropped)
-        order = {p.id: i for i, p in enumerate(prompts)}
-        result.groups.sort(key=lambda g: order[g.prompt.id])
-        return result
+        return GenerateResult.merge(self.stream(prompts, spec), prompts)
 
     def stream(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> Iterator[GenerateResult]:
         """Each prompt's group as soon as an engine finishes it, surviving the loss of actors (not of
