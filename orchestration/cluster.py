@@ -17,8 +17,9 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestration.config import ALL_ROLES as ROLES
-from orchestration.config import ConfigError, role_bundle, validate_resources
+from orchestration.config import ConfigError
+from orchestration.plan import ALL_ROLES as ROLES
+from orchestration.plan import role_bundle, validate_resources
 
 
 

@@ -159,6 +159,9 @@ class LearnerConfig:
     with the learner before the first step."""
     mixed_precision: bool = True
     """bf16 compute with fp32 master weights and reductions (GPU only; CPU runs fp32)."""
+    max_skipped_steps: int = 3
+    """Steps in a row whose update was skipped for a non-finite gradient norm before the run stops
+    (with a checkpoint and a message): past this, the weights or the data are broken, not unlucky."""
     share_prompts: bool = True
     """Run each group's prompt once and its G completions on it (one packed row per group with a
     block attention mask; gradients equal the plain pass) instead of G copies of the prompt. Used
@@ -262,6 +265,17 @@ class SyncConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_n_steps: int = 50
+    """Write a checkpoint after every n-th step (0: only when the run is stopped by SIGINT/SIGTERM
+    or a fault). A checkpoint holds the learner's sharded model, optimizer and LR schedule
+    (`torch.distributed.checkpoint`), the step, policy version, RNGs, the metrics so far and any
+    completions generated but not yet trained on, under `<output_dir>/checkpoints/step_N`."""
+    keep: int = 2
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"
     """`offline` (default: no network assumed), `online` (needs WANDB_API_KEY), `disabled`."""
@@ -324,6 +338,10 @@ class Config:
     """Where the run writes metrics.jsonl, the W&B run, checkpoints."""
     dry_run: bool = False
     """Print the resolved placement and exit without starting actors."""
+    resume: str = "never"
+    """`auto`: continue from the newest complete checkpoint in `output_dir` (an error when there is
+    none); `never`: start afresh (an error when `output_dir` holds checkpoints, so none is
+    overwritten by mistake); or the path of one checkpoint directory."""
     stage: str = "train"
     """`train` (GRPO), or `eval` (evaluate `model.path` on the test split; starts no learner)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -344,6 +362,8 @@ class Config:
     """Resources and placement of every actor."""
     sync: SyncConfig = field(default_factory=SyncConfig)
     """Learner → engine weight broadcast."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Periodic and on-signal checkpoints (see `resume`)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Metrics sinks."""
     ray: RayConfig = field(default_factory=RayConfig)
@@ -425,6 +445,10 @@ def validate(cfg: Any) -> None:
            "data.val_files is set but data.train_files is not: give training files too (or stage=eval)")
     check(cfg.logger.samples_every_n_steps >= 0,
            f"logger.samples_every_n_steps must be >= 0, got {cfg.logger.samples_every_n_steps}")
+    check(r.kv_cache_gb >= 1, f"rollout.kv_cache_gb must be >= 1 (GiB of KV cache per CPU engine), got {r.kv_cache_gb}")
+    check(l.max_skipped_steps >= 0, f"learner.max_skipped_steps must be >= 0, got {l.max_skipped_steps}")
+    check(cfg.checkpoint.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {cfg.checkpoint.every_n_steps}")
+    check(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     check(cfg.sync.bucket_mb >= 1, f"sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
     check(cfg.sync.backend in ("auto", "gloo", "nccl", "shared"),
            f"sync.backend must be auto, gloo, nccl or shared, got {cfg.sync.backend!r}")
@@ -461,38 +485,3 @@ def validate_rewards(cfg: Any) -> None:
         check(cfg.reward.timeout_s >= TIME_LIMIT_S + 2,
                f"reward.timeout_s ({cfg.reward.timeout_s:g}) must leave code_tests' {TIME_LIMIT_S:g} s limit room "
                f"(>= {TIME_LIMIT_S + 2:g}; reward=code sets 15)")
-
-
-ALL_ROLES = ("rollout", "learner", "reward")
-
-
-def role_bundle(cfg: Any, role: str) -> tuple[int, dict[str, float]]:
-    """(number of actors, logical Ray resources per actor) of a role."""
-    t = cfg.topology
-    count, cpus, gpus, extra = {
-        "rollout": (cfg.rollout.num_actors, t.rollout_cpus, t.rollout_gpus, t.rollout_resources),
-        "learner": (cfg.learner.num_ranks, t.learner_cpus, t.learner_gpus, t.learner_resources),
-        "reward": (cfg.reward.num_workers, t.reward_cpus, 0.0, {}),
-    }[role]
-    return count, {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **dict(extra)}
-
-
-def required_resources(cfg: Any, roles: tuple[str, ...] = ALL_ROLES) -> dict[str, float]:
-    """Logical Ray resources the topology asks for, summed over the actors of `roles`."""
-    need: dict[str, float] = {}
-    for role in roles:
-        count, bundle = role_bundle(cfg, role)
-        for key, value in bundle.items():
-            need[key] = need.get(key, 0.0) + count * value
-    if cfg.topology.colocate and {"rollout", "learner"} <= set(roles) and need.get("GPU"):
-        need["GPU"] = float(cfg.rollout.num_actors)  # each engine/rank pair holds a whole GPU
-    return {k: v for k, v in need.items() if v > 0}
-
-
-def validate_resources(cfg: Any, available: dict[str, float], roles: tuple[str, ...] = ALL_ROLES) -> None:
-    """Check the topology against the Ray cluster's logical resources (`ray.cluster_resources()`)."""
-    for key, amount in required_resources(cfg, roles).items():
-        have = available.get(key, 0.0)
-        check(amount <= have + 1e-9,
-               f"the topology asks for {amount:g} {key} but the Ray cluster has {have:g} "
-               f"(set topology.num_cpus / topology.* per-actor resources, or add nodes)")

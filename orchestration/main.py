@@ -1,7 +1,8 @@
 """`raygrpo` entry point (Hydra): validate, place, start actors, train, report.
 
-User errors (bad config, missing model, a topology the cluster cannot hold) print one line and
-exit with status 2 before any actor starts.
+User errors (bad config, missing model, a topology the cluster cannot hold, an unknown preset,
+Hydra's own composition errors) print one line and exit with status 2 (`USER_ERROR`) before any
+actor starts. `raygrpo scale ...` and `raygrpo export ...` are subcommands (orchestration/control.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import hydra
 from omegaconf import DictConfig
 
 from orchestration.config import ConfigError, register_configs, validate
+from orchestration.preflight import check_overrides, check_run
 
 log = logging.getLogger("raygrpo")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+USER_ERROR = 2  # every user error (ours and Hydra's) exits with this status
+_started = False  # the job function ran: a later exit status 1 is a crash, not a composition error
 
 register_configs()
 
@@ -40,6 +44,7 @@ def run(cfg: DictConfig) -> None:
 
     importable_from_launch_dir()
     validate(cfg)
+    check_run(cfg)
     task = make_task(cfg)  # reads the data files: unusable data stops the run before Ray starts
     limit = task.max_steps(cfg.rollout.prompts_per_step)
     if cfg.stage == "train" and limit is not None and limit < cfg.steps:
@@ -70,15 +75,32 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
+    global _started
+    _started = True
     try:
         run(cfg)
     except ConfigError as err:
         print(f"raygrpo: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USER_ERROR)
 
 
 def main() -> None:
-    _hydra_main()
+    argv = sys.argv[1:]
+    if argv and argv[0] in ("scale", "export"):
+        from orchestration.control import command
+
+        sys.exit(command(argv[0], argv[1:]))
+    try:
+        check_overrides(argv, CONF_DIR)
+    except ConfigError as err:
+        print(f"raygrpo: error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR)
+    try:
+        _hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _started:  # Hydra could not compose the config: a user error
+            sys.exit(USER_ERROR)
+        raise
 
 
 if __name__ == "__main__":

@@ -25,11 +25,46 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestration.config import ConfigError, role_bundle
+from orchestration.config import ConfigError, check
 
 GIB = 1 << 30
 ENGINE_OVERHEAD_GIB = 1.0
 LOW_KV_CACHE_GIB = 2.0
+
+
+ALL_ROLES = ("rollout", "learner", "reward")
+
+
+def role_bundle(cfg: Any, role: str) -> tuple[int, dict[str, float]]:
+    """(number of actors, logical Ray resources per actor) of a role."""
+    t = cfg.topology
+    count, cpus, gpus, extra = {
+        "rollout": (cfg.rollout.num_actors, t.rollout_cpus, t.rollout_gpus, t.rollout_resources),
+        "learner": (cfg.learner.num_ranks, t.learner_cpus, t.learner_gpus, t.learner_resources),
+        "reward": (cfg.reward.num_workers, t.reward_cpus, 0.0, {}),
+    }[role]
+    return count, {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **dict(extra)}
+
+
+def required_resources(cfg: Any, roles: tuple[str, ...] = ALL_ROLES) -> dict[str, float]:
+    """Logical Ray resources the topology asks for, summed over the actors of `roles`."""
+    need: dict[str, float] = {}
+    for role in roles:
+        count, bundle = role_bundle(cfg, role)
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0.0) + count * value
+    if cfg.topology.colocate and {"rollout", "learner"} <= set(roles) and need.get("GPU"):
+        need["GPU"] = float(cfg.rollout.num_actors)  # each engine/rank pair holds a whole GPU
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def validate_resources(cfg: Any, available: dict[str, float], roles: tuple[str, ...] = ALL_ROLES) -> None:
+    """Check the topology against the Ray cluster's logical resources (`ray.cluster_resources()`)."""
+    for key, amount in required_resources(cfg, roles).items():
+        have = available.get(key, 0.0)
+        check(amount <= have + 1e-9,
+               f"the topology asks for {amount:g} {key} but the Ray cluster has {have:g} "
+               f"(set topology.num_cpus / topology.* per-actor resources, or add nodes)")
 
 
 @dataclass

@@ -12,7 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from orchestration.config import ConfigError, register_configs, required_resources, validate, validate_resources
+from orchestration.config import ConfigError, register_configs, validate
+from orchestration.plan import required_resources, validate_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
