@@ -14,6 +14,7 @@ from typing import Iterator
 from actors.types import Completion, GenerateResult, Group, Prompt, SamplingSpec
 
 EXTENSION = "actors.vllm_extension.WeightSyncExtension"
+CPU_MAX_SEQS = 256  # sequences a CPU engine runs at once (vLLM's CPU default)
 
 
 class RolloutActor:
@@ -48,6 +49,11 @@ class RolloutActor:
             logprobs_mode="processed_logprobs", enable_prefix_caching=True,
             enforce_eager=not gpu,  # CPU: no torch.compile warm-up (starts in half the time here); GPU: graphs
             **({"enable_sleep_mode": True} if colocated and gpu else {}),
+            # Requests carry their own sampling seeds. vLLM rewinds a seeded request's generator when
+            # it discards the sample of a partly prefilled prompt, which CPU generators cannot do
+            # ("CPU Generator does not use offset", the engine dies): on CPU a step's token budget
+            # holds every scheduled sequence whole, so no prompt is ever split over steps.
+            **({} if gpu else {"max_num_seqs": CPU_MAX_SEQS, "max_num_batched_tokens": CPU_MAX_SEQS * max_model_len}),
         )
         self.sleeps = colocated and gpu
         self.asleep = False

@@ -1,13 +1,22 @@
-"""LearnerGroup: N LearnerWorker Ray actors forming one torch.distributed world; fans calls out."""
+"""LearnerGroup: N LearnerWorker Ray actors forming one torch.distributed world; fans calls out.
+
+A rank that dies stops every call at once with `LearnerLost` (naming the rank), instead of
+waiting on the survivors, who would block in a collective with it: the run cannot go on without
+a rank, and resumes from its last checkpoint."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 
 from learner.batch import TrainBatch
 from learner.worker import LearnerWorker
+
+
+class LearnerLost(RuntimeError):
+    """A learner rank died; the learner's state is gone past the last checkpoint."""
 
 
 class LearnerGroup:
@@ -21,7 +30,7 @@ class LearnerGroup:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One update on a batch that splits evenly over the ranks; returns rank 0's metrics."""
         n = len(self.workers)
-        return ray.get([w.train_step.remote(batch.shard(r, n)) for r, w in enumerate(self.workers)])[0]
+        return self._get([w.train_step.remote(batch.shard(r, n)) for r, w in enumerate(self.workers)])[0]
 
     def logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Per-sequence completion logprobs under the current policy."""
@@ -36,8 +45,27 @@ class LearnerGroup:
         n = len(self.workers)
         extra = (-len(batch)) % n
         padded = batch.select(list(range(len(batch))) + [len(batch) - 1] * extra)
-        parts = ray.get([getattr(w, method).remote(padded.shard(r, n), *args) for r, w in enumerate(self.workers)])
+        parts = self._get([getattr(w, method).remote(padded.shard(r, n), *args) for r, w in enumerate(self.workers)])
         return [x for part in parts for x in part][:len(batch)]
+
+    def save_checkpoint(self, path: str) -> None:
+        """Every rank writes its shards of model and optimizer, and its schedule and RNG, under `path`."""
+        self._get([w.save_checkpoint.remote(path) for w in self.workers])
+
+    def load_checkpoint(self, path: str) -> None:
+        self._get([w.load_checkpoint.remote(path) for w in self.workers])
+
+    def _get(self, refs: list[ray.ObjectRef]) -> list:
+        """Results of one call per rank, in rank order; LearnerLost as soon as any rank has died."""
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            try:
+                ray.get(done[0])
+            except RayActorError as err:
+                raise LearnerLost(f"learner rank {rank_of[done[0]]} died ({type(err).__name__})") from err
+        return ray.get(refs)
 
     def offload(self) -> list[str]:
         return ray.get([w.offload.remote() for w in self.workers])

@@ -28,7 +28,10 @@ def start_ray(cfg: Any) -> None:
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job_env_vars()}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except ConnectionError as err:  # a host that accepts TCP but is no Ray cluster, or a client timeout
+            raise ConfigError(f"cannot connect to the Ray cluster at {address}: {err}") from None
         return
     t = cfg.topology
     ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=cfg.ray.dashboard,

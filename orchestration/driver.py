@@ -23,6 +23,7 @@ from orchestration.batching import build_batch, overlong_shaping, pad_to_multipl
 from orchestration.cluster import Placement
 from orchestration.gpu_layout import sync_backend
 from orchestration.evaluation import EvalResult, evaluate
+from orchestration.lifecycle import Lifecycle
 from orchestration.metrics import RunLogger, Timer
 from orchestration.pools import RewardPool, RolloutPool
 from orchestration.producer import Producer, Sampled
@@ -107,12 +108,14 @@ def eval_settings(cfg: Any, midway: bool = False) -> SimpleNamespace:
     e = cfg.eval
     pass_k = 1 if midway and not e.pass_k_midway else e.pass_k
     return SimpleNamespace(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, pass_k=pass_k,
-                           temperature=e.temperature, reward=e.reward, reward_timeout_s=cfg.reward.timeout_s)
+                           temperature=e.temperature, reward=e.reward, reward_timeout_s=cfg.reward.timeout_s,
+                           seed=cfg.seed)
 
 
-def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task) -> tuple[EvalResult | None, EvalResult | None]:
-    """Run `cfg.steps` GRPO steps with held-out evaluation; returns (first, last) evaluations."""
-    r, every = cfg.rollout, cfg.eval.every_n_steps
+def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task, life: Lifecycle) -> list[EvalResult]:
+    """Run GRPO steps from `life.state.step` to `cfg.steps` with held-out evaluation; returns every
+    evaluation of the run (a resumed run's earlier ones included)."""
+    r, every, state = cfg.rollout, cfg.eval.every_n_steps, life.state
     test = task.test_set()
     evaluating = cfg.eval.enabled and bool(test)
 
@@ -121,44 +124,44 @@ def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task) -> tuple[Eval
 
     spec = SamplingSpec(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_tokens=r.max_new_tokens, stop=tuple(r.stop))
-    producer = Producer(cfg, task, actors.rollout, actors.rewards, spec)
-    evals: list[EvalResult] = []
-    pending = dict(task.stats())  # logged with the next step
+    producer = Producer(cfg, task, actors.rollout, actors.rewards, spec, produced=state.queued)
+    if state.step == 0:
+        state.pending.update(task.stats())  # logged with the first step
     try:
-        for step in range(cfg.steps):
+        for step in range(state.step, cfg.steps):
+            life.before_step(step)
             timer = Timer()
             if evaluating and (step == 0 or (every and step % every == 0)):
                 with timer("eval"):  # the engines evaluate while the learner trains when k >= 1
                     producer.evaluate(lambda midway=step > 0: evaluate_now(midway))
             with timer("wait_rollout"):
                 sampled = producer.take(step)
-            pending.update(collect_evals(producer, evals))
+            state.pending.update(collect_evals(producer, state.evals))
             if cfg.logger.samples_every_n_steps and step % cfg.logger.samples_every_n_steps == 0:
                 logger.log_samples(step, sample_rows(sampled, cfg.logger.samples_prompts))
+            learner_metrics = None
             if not sampled.groups:  # dynamic sampling found no informative group: nothing to learn from
                 log.warning("step %d: no informative group after %d rounds; skipping the update", step,
                             sampled.metrics["sampling/rounds"])
-                logger.log(step, {**pending, **sampled.metrics, **timer.breakdown()})
-                pending = {}
-                continue
-            with timer("learner"):
-                actors.to_learner()
-                batch, rewards, padded = make_batch(cfg, sampled, actors.learner)
-                learner_metrics = actors.learner.train_step(batch)
-            with timer("sync"), actors.handover():
-                if actors.rollout.needs_resync:
-                    actors.sync.connect()
-                actors.sync.push(step + 1)
-            metrics = step_metrics(step, sampled, rewards, learner_metrics, timer, padded, actors)
-            logger.log(step, {**metrics, **pending})
-            pending = {}
+                logger.log(step, {**state.pending, **sampled.metrics, **timer.breakdown()})
+            else:
+                with timer("learner"):
+                    actors.to_learner()
+                    batch, rewards, padded = make_batch(cfg, sampled, actors.learner)
+                    learner_metrics = actors.learner.train_step(batch)
+                with timer("sync"), actors.handover():
+                    actors.sync.push(step + 1)  # admits new engines and rebuilds the group when it changed
+                metrics = step_metrics(step, sampled, rewards, learner_metrics, timer, padded, actors)
+                logger.log(step, {**metrics, **state.pending})
+            state.pending = {}
+            life.after_step(step, producer, learner_metrics)
         if evaluating:
             producer.evaluate(evaluate_now)
-            final = collect_evals(producer, evals, wait=True)
-            logger.log(cfg.steps, {**final, **pending}, advance=False)
+            final = collect_evals(producer, state.evals, wait=True)
+            logger.log(cfg.steps, {**final, **state.pending}, advance=False)
     finally:
         producer.close()
-    return (evals[0], evals[-1]) if evals else (None, None)
+    return state.evals
 
 
 def collect_evals(producer: Producer, evals: list[EvalResult], wait: bool = False) -> dict[str, float]:
@@ -236,6 +239,8 @@ def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: di
         "rollout/truncated": sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
         "rollout/prompts_dropped": float(len(sampled.dropped)),
         "rollout/actors_lost": float(actors.rollout.lost),
+        "rollout/actors_replaced": float(getattr(actors.rollout, "replaced", 0)),  # TEMP
+        "rollout/num_actors": float(len(actors.rollout.actors)),
         "rollout/policy_version": float(min(g.version for g in sampled.groups)),
         "rollout/staleness_mean": float(staleness.mean()),
         "rollout/staleness_max": float(staleness.max()),
@@ -259,8 +264,9 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
-def run_train(cfg: Any, placement: Placement, task: Task) -> Path:
-    """Train, save the policy, write curves and the report; returns the run directory."""
+def run_train(cfg: Any, placement: Placement, task: Task, resume_from: Path | None = None) -> Path:
+    """Train (from `resume_from`, a checkpoint, when given), save the policy, write curves and the
+    report; returns the run directory. Raises RunStopped when stopped early (a checkpoint written)."""
     import time
 
     from orchestration import report
@@ -268,17 +274,21 @@ def run_train(cfg: Any, placement: Placement, task: Task) -> Path:
     start = time.time()
     out = Path(cfg.output_dir)
     config = config_dict(cfg)
-    logger = RunLogger(cfg.output_dir, config, cfg.logger.wandb, cfg.steps, cfg.logger.progress)
-    actors = start_actors(cfg, placement)
+    life = Lifecycle(cfg, config, resume_from)
+    logger = RunLogger(cfg.output_dir, config, cfg.logger.wandb, cfg.steps, cfg.logger.progress,
+                       resume_step=life.state.step if resume_from else None, wandb_id=life.state.wandb_id)
     try:
-        first, final = train(cfg, actors, logger, task)
-        save_outputs(cfg, actors)
+        with life.stop:
+            actors = start_actors(cfg, placement)
+            life.attach(actors, logger)
+            evals = train(cfg, actors, logger, task, life)
+            save_outputs(cfg, actors)
     finally:
         logger.close()
     report.plot_curves(report.load_metrics(out), out / "curves.png")
-    if first and final:
-        table = report.before_after(first.metrics, final.metrics)
-        report.write_report(out, config, table, first.samples, final.samples, time.time() - start)
+    if len(evals) >= 2:
+        table = report.before_after(evals[0].metrics, evals[-1].metrics)
+        report.write_report(out, config, table, evals[0].samples, evals[-1].samples, time.time() - start)
         report.print_summary(table, out)
     return out
 

@@ -9,12 +9,13 @@ counts for pass@k when one of its k samples scores 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from actors.scoring import Scorer
 from actors.types import Prompt, SamplingSpec
 from orchestration.pools import RolloutPool, score_request
+from orchestration.producer import sampling_seed
 from tasks.base import Problem, prompt_text
 
 
@@ -26,16 +27,17 @@ class EvalResult:
 
 def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_prompt: str = "",
              num_samples: int = 4) -> EvalResult:
-    """`cfg`: max_new_tokens, pass_k, temperature, reward (the judging function), reward_timeout_s.
+    """`cfg`: max_new_tokens, pass_k, temperature, reward (the judging function), reward_timeout_s, seed.
     Greedy and sampled replies come from one engine batch, so from one policy version."""
     by_id = {p.id: p for p in problems}
     greedy_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=cfg.max_new_tokens)
     sampled_spec = SamplingSpec(n=cfg.pass_k, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
+    seeds = [sampling_seed(cfg.seed, "eval", i) for i in range(len(problems))]  # the same draws at every evaluation
     prompts = [Prompt(p.id, p.prompt, system_prompt) for p in problems]
     specs = [greedy_spec] * len(prompts)
     if cfg.pass_k > 1:
         prompts += [Prompt(f"{p.id}{SAMPLED}", p.prompt, system_prompt) for p in problems]
-        specs += [sampled_spec] * len(problems)
+        specs += [replace(sampled_spec, seed=seed) for seed in seeds]
     result = rollout.generate(prompts, specs)
     greedy = [g for g in result.groups if not g.prompt.id.endswith(SAMPLED)]
     sampled = [g for g in result.groups if g.prompt.id.endswith(SAMPLED)]

@@ -36,21 +36,23 @@ def importable_from_launch_dir() -> None:
 
 
 def run(cfg: DictConfig) -> None:
+    importable_from_launch_dir()
+    validate(cfg)
+    check_run(cfg)  # before the heavy imports below: a user error answers in a second or two
     import ray
 
     from orchestration import cluster, driver, plan
+    from orchestration.checkpoint import choose_resume
     from orchestration.models import resolve_model_path
     from tasks import make_task
 
-    importable_from_launch_dir()
-    validate(cfg)
-    check_run(cfg)
     task = make_task(cfg)  # reads the data files: unusable data stops the run before Ray starts
     limit = task.max_steps(cfg.rollout.prompts_per_step)
     if cfg.stage == "train" and limit is not None and limit < cfg.steps:
         log.warning("data.epochs=%d over %d rows ends the run after %d steps (steps=%d)", cfg.data.epochs,
                     task.stats()["data/train_rows"], limit, cfg.steps)
         cfg.steps = limit
+    resume_from = choose_resume(cfg) if cfg.stage == "train" and not cfg.dry_run else None
     roles = ("rollout", "reward", "learner") if cfg.stage == "train" else ("rollout",)
     if cfg.dry_run and cfg.topology.plan_nodes:  # a cluster that is not there: plan only
         print(plan.describe_plan(cfg, roles))
@@ -67,7 +69,7 @@ def run(cfg: DictConfig) -> None:
         if cfg.stage == "eval":
             driver.run_eval(cfg, placement, task)
         else:
-            out = driver.run_train(cfg, placement, task)
+            out = driver.run_train(cfg, placement, task, resume_from)
             print(f"run written to {out.resolve()}")
     finally:
         ray.shutdown()
@@ -77,11 +79,24 @@ def run(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     global _started
     _started = True
+    from learner.group import LearnerLost
+    from orchestration.checkpoint import Checkpoints
+    from orchestration.control import RunStopped
+
     try:
         run(cfg)
     except ConfigError as err:
         print(f"raygrpo: error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR)
+    except RunStopped as stop:
+        print(f"raygrpo: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except (LearnerLost, KeyboardInterrupt) as err:
+        newest = Checkpoints(cfg.output_dir).latest()
+        resume = f"resume=auto continues from {newest}" if newest else "no checkpoint was written yet"
+        what = "stopped at once" if isinstance(err, KeyboardInterrupt) else f"error: {err}; the run stopped"
+        print(f"raygrpo: {what}; {resume}", file=sys.stderr)
+        sys.exit(130 if isinstance(err, KeyboardInterrupt) else 1)
 
 
 def main() -> None:

@@ -39,10 +39,14 @@ class Timer:
 
 
 class RunLogger:
-    def __init__(self, output_dir: str, config: dict[str, Any], wandb_cfg: Any, total_steps: int, progress: bool):
+    def __init__(self, output_dir: str, config: dict[str, Any], wandb_cfg: Any, total_steps: int, progress: bool,
+                 resume_step: int | None = None, wandb_id: str | None = None):
+        """`resume_step`: a resumed run continues its logs (restored to the checkpoint) from this
+        step, and its W&B run `wandb_id`; a fresh run replaces them, never mixes."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.dir / "metrics.jsonl", "w", buffering=1)  # a rerun replaces, never mixes
+        self.append = resume_step is not None
+        self.jsonl = open(self.dir / "metrics.jsonl", "a" if self.append else "w", buffering=1)
         (self.dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
         self.wandb = None
         self.samples = None  # samples.jsonl, opened by the first table
@@ -52,12 +56,14 @@ class RunLogger:
 
             self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode,
                                     dir=str(self.dir), name=config.get("experiment"), config=config,
+                                    id=wandb_id, resume="allow" if wandb_id else None,
                                     settings=wandb.Settings(console="off", x_disable_stats=True))
+        self.wandb_id = self.wandb.id if self.wandb is not None else None
         self.bar = None
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="grpo", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="grpo", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
         """Write one record; `advance` moves the progress bar (False for the final evaluation)."""
@@ -75,7 +81,7 @@ class RunLogger:
         if not rows:
             return
         if self.samples is None:
-            self.samples = open(self.dir / "samples.jsonl", "w", buffering=1)
+            self.samples = open(self.dir / "samples.jsonl", "a" if self.append else "w", buffering=1)
         for row in rows:
             clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
             self.samples.write(json.dumps({"step": step, **clean}, default=str) + "\n")
@@ -86,6 +92,11 @@ class RunLogger:
             data = [[_cell(row.get(k)) for k in columns] for row in rows]
             self.wandb.log({"samples": wandb.Table(columns=["step", *columns], data=[[step, *d] for d in data])},
                            step=step)
+
+    def samples_bytes(self) -> int:
+        """Length of samples.jsonl so far (what a checkpoint restores it to)."""
+        path = self.dir / "samples.jsonl"
+        return path.stat().st_size if (self.samples is not None or self.append) and path.exists() else 0
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,6 +1,6 @@
 """Model sources: resolve `model.path` to a local HF directory every actor can load.
 
-- a local directory (must exist and hold a `config.json`);
+- a local directory (must exist and hold a `config.json` whose `model_type` transformers knows);
 - a hub id `org/name` (left to transformers/vLLM; needs network);
 - `builtin:tiny-qwen2`: a ~0.3M-parameter Qwen2 with a byte-level tokenizer, built on the fly
   (head_dim 64: vLLM-CPU rejects 16). Random weights: a test model, not a learner.
@@ -13,6 +13,7 @@ temporary directory and rename it into place, so concurrent first uses cannot se
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -47,6 +48,28 @@ def check_model_path(path: str) -> None:
             raise ConfigError(f"model path does not exist: {path}")
         if not (local / "config.json").is_file():
             raise ConfigError(f"model path {path} holds no config.json (not a Hugging Face model directory)")
+        check_model_config(local / "config.json", path)
+
+
+def check_model_config(config_json: Path, path: str) -> None:
+    """Raise ConfigError unless `config_json` is a JSON object whose `model_type` transformers knows.
+
+    The JSON checks are instant; looking the type up imports transformers (~3 s on 2 cores, most of
+    it torch), which the run needs anyway."""
+    from orchestration.config import ConfigError
+
+    try:
+        config = json.loads(config_json.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise ConfigError(f"model path {path}: config.json cannot be read as JSON ({e})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or not model_type:
+        raise ConfigError(f"model path {path}: config.json has no model_type (not a Hugging Face model config)")
+    import transformers
+
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ConfigError(f"model path {path}: model_type {model_type!r} in config.json is unknown to "
+                          f"transformers {transformers.__version__}")
 
 
 def resolve_model_path(path: str) -> str:

@@ -11,19 +11,24 @@ trained completion is more than k versions old; each group carries its version.
 Rewards stream: the engines yield each group when its G completions are done and its scoring
 starts at once on a reward actor, while the rest of the batch decodes. Held-out evaluation is a
 production too: with k >= 1 it runs on the engines while the learner trains.
+
+Sampling is a function of (weights, run seed, step, round, prompt index, sample index), not of an
+engine's history: each prompt's request carries its own seed (`sampling_seed`; vLLM gives
+sample i of a request seed + i), so a re-generated prompt, a replaced engine or a resumed run
+draws the same completions from the same weights.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from actors.scoring import Score
 from actors.types import Group, Prompt, SamplingSpec
 from orchestration.pools import RewardPool, RolloutPool, score_request
-from tasks.base import Problem, Task
+from tasks.base import Problem, Task, stable_seed
 
 
 @dataclass
@@ -38,17 +43,22 @@ class Sampled:
 
 
 class Producer:
-    def __init__(self, cfg: Any, task: Task, rollout: RolloutPool, rewards: RewardPool, spec: SamplingSpec):
+    def __init__(self, cfg: Any, task: Task, rollout: RolloutPool, rewards: RewardPool, spec: SamplingSpec,
+                 produced: dict[int, Sampled] | None = None):
+        """`produced`: steps already generated and scored (restored from a checkpoint)."""
         self.cfg, self.task, self.rollout, self.rewards, self.spec = cfg, task, rollout, rewards, spec
         self.ahead = cfg.rollout.max_staleness
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="producer") if self.ahead else None
         self.queued: dict[int, Future] = {}
+        for step, sampled in (produced or {}).items():
+            self.queued[step] = Future()
+            self.queued[step].set_result(sampled)
         self.evals: list[Future] = []
 
     def take(self, step: int) -> Sampled:
         """The step's scored groups; with k >= 1, first queue the productions up to step + k."""
         if self.thread is None:
-            return self.produce(step)
+            return self.queued.pop(step).result() if step in self.queued else self.produce(step)
         for s in range(step, min(step + self.ahead, self.cfg.steps - 1) + 1):
             if s not in self.queued:
                 self.queued[s] = self.thread.submit(self.produce, s)
@@ -63,6 +73,10 @@ class Producer:
         else:
             future = self.thread.submit(run)
         self.evals.append(future)
+
+    def produced(self) -> dict[int, Sampled]:
+        """Every queued production, waited for: what a checkpoint keeps of the steps ahead."""
+        return {step: future.result() for step, future in sorted(self.queued.items())}
 
     def finished_evals(self, wait: bool = False) -> list[Any]:
         """Results of the evaluations done so far (all of them with `wait`), in order."""
@@ -85,7 +99,8 @@ class Producer:
         while len(out.groups) < want and rounds < (self.cfg.algo.max_sampling_rounds if dynamic else 1):
             problems = self.task.train_batch(step, want - len(out.groups), rounds)
             out.problems.update((p.id, p) for p in problems)
-            groups, scores, dropped = self._generate_and_score(problems, seconds)
+            specs = [replace(self.spec, seed=sampling_seed(self.cfg.seed, step, rounds, i)) for i in range(len(problems))]
+            groups, scores, dropped = self._generate_and_score(problems, specs, seconds)
             for group, row in zip(groups, scores):
                 if not dynamic or len({s.reward for s in row if s.ok}) > 1:
                     out.groups.append(group)
@@ -97,14 +112,14 @@ class Producer:
                        "sampling/dropped_groups": float(generated - len(out.groups)), **seconds}
         return out
 
-    def _generate_and_score(self, problems: list[Problem], seconds: dict[str, float]):
+    def _generate_and_score(self, problems: list[Problem], specs: list[SamplingSpec], seconds: dict[str, float]):
         """One round: each group's scoring starts as soon as the engine yields it. Returns groups,
         scores [P][G] (in prompt order) and the dropped prompt ids; adds to generate/reward seconds."""
         by_id = {p.id: p for p in problems}
         prompts = [Prompt(p.id, p.prompt, self.cfg.task.system_prompt) for p in problems]
         start = time.perf_counter()
         groups, jobs, dropped = [], [], []
-        for part in self.rollout.stream(prompts, self.spec):
+        for part in self.rollout.stream(prompts, specs):
             dropped += part.dropped
             for group in part.groups:
                 groups.append(group)
@@ -116,3 +131,9 @@ class Producer:
         order = {p.id: i for i, p in enumerate(problems)}
         ranked = sorted(zip(groups, scores), key=lambda gs: order[gs[0].prompt.id])
         return [g for g, _ in ranked], [s for _, s in ranked], dropped
+
+
+def sampling_seed(run_seed: int, *where: object) -> int:
+    """The sampling seed of one request, from the run seed and where it is (step, round, prompt
+    index; or "eval", prompt index); below 2^31 so that seed + sample index fits any engine."""
+    return stable_seed("sample", run_seed, *where) % (1 << 31)

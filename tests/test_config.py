@@ -199,8 +199,8 @@ def test_validate_rejects_dir_without_config_json(tmp_path):
     with pytest.raises(ConfigError, match=r"model path .* holds no config\.json") as info:
         validate(cfg)
     assert str(tmp_path) in str(info.value)
-    (tmp_path / "config.json").write_text("{}")
-    validate(cfg)  # the same directory with a config.json is accepted
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    validate(cfg)  # the same directory with a model's config.json is accepted
 
 
 def test_validate_wandb_online_with_key(monkeypatch):

@@ -182,7 +182,7 @@ def test_chunked_logprobs_equal_the_whole_computation(chunk):
     recompute in backward."""
     import torch
 
-    from learner.worker import chunked_logprobs, token_entropy, token_logprobs
+    from learner.logprobs import chunked_logprobs, token_entropy, token_logprobs
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 11, generator=g, requires_grad=True)
@@ -199,3 +199,20 @@ def test_chunked_logprobs_equal_the_whole_computation(chunk):
     assert not metric.requires_grad and torch.allclose(metric, expected_ent, atol=1e-6)
     half, none = chunked_logprobs(logits.detach().to(torch.bfloat16), targets, 0.7, chunk)
     assert none is None and half.dtype == torch.float32 and torch.allclose(half, expected.detach(), atol=0.1)
+
+
+def test_a_dead_learner_rank_stops_the_step_at_once_naming_it(ray_local, tiny_model, sampled):
+    """Rank 0 would wait in a collective for the dead rank 1 (gloo's deadline: 30 min); the group
+    answers at once instead, so the run stops and says to resume from its last checkpoint."""
+    import time
+
+    from learner.group import LearnerLost
+
+    group = make_group(ray_local, tiny_model, GRPOObjective(), lr=1e-3)
+    ray_local.kill(group.workers[1])
+    start = time.perf_counter()
+    with pytest.raises(LearnerLost, match="learner rank 1 died"):
+        group.train_step(sampled)
+    assert time.perf_counter() - start < 20
+    for worker in group.workers:
+        ray_local.kill(worker)

@@ -4,14 +4,13 @@ that behave like the real ones (deterministic rewards, groups streamed out of or
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from actors.scoring import Score
-from actors.types import Completion, GenerateResult, Group
+from actors.types import Completion, GenerateResult, Group, SamplingSpec
 from orchestration.config import Config
 from orchestration.driver import make_batch
 from orchestration.producer import Producer
@@ -24,14 +23,16 @@ class Engines:
 
     def __init__(self):
         self.version = 0
+        self.seeds: dict[str, int] = {}  # prompt id -> the sampling seed it was asked with
 
     def load(self, version):
         self.version = version
 
-    def stream(self, prompts, spec):
+    def stream(self, prompts, specs):
         version = self.version
         yield GenerateResult([], [])
-        for p in reversed(prompts):
+        for p, spec in reversed(list(zip(prompts, specs))):
+            self.seeds[p.id] = spec.seed
             yield GenerateResult([Group(p, [1, 2], [Completion([7] * (j + 1), [-0.5] * (j + 1), "stop", p.id)
                                                     for j in range(spec.n)], version)])
 
@@ -60,7 +61,7 @@ def cfg_with(**algo):
 
 
 def producer(cfg, engines=None):
-    spec = SimpleNamespace(n=cfg.rollout.group_size)
+    spec = SamplingSpec(n=cfg.rollout.group_size)
     return Producer(cfg, ArithmeticTask(seed=0), engines or Engines(), Rewards(), spec)
 
 
@@ -78,6 +79,20 @@ def test_without_dynamic_sampling_all_groups_are_kept_in_prompt_order():
     assert [s.reward for s in out.scores[0]] == [1.0] * 4 and [s.reward for s in out.scores[1]] == [0.0, 1.0, 2.0, 3.0]
     assert counts(out.metrics) == {"sampling/rounds": 1.0, "sampling/generated_groups": 4.0,
                                    "sampling/dropped_groups": 0.0}
+
+
+def test_sampling_seeds_are_a_function_of_seed_step_round_and_prompt():
+    cfg = cfg_with(dynamic_sampling=True, max_sampling_rounds=3)
+    first, again, other_seed = Engines(), Engines(), Engines()
+    producer(cfg, first).produce(3)
+    producer(cfg, again).produce(3)
+    assert first.seeds == again.seeds and len(first.seeds) > cfg.rollout.prompts_per_step  # several rounds
+    assert len(set(first.seeds.values())) == len(first.seeds)  # every prompt of every round its own seed
+    producer(cfg, first).produce(4)
+    assert len(set(first.seeds.values())) == len(first.seeds)  # and every step
+    cfg.seed = 1
+    producer(cfg, other_seed).produce(3)
+    assert set(other_seed.seeds.values()).isdisjoint(again.seeds.values())
 
 
 def test_dynamic_sampling_drops_all_equal_groups_and_draws_more():

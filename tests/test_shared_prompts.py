@@ -91,7 +91,7 @@ def test_block_mask():
 def test_chunked_logprobs_with_an_index_equal_gathering_first(chunk):
     """Slots scored through `index` (several slots on one position, unused positions) give the values
     and gradients of gathering the positions first and scoring them in the plain layout."""
-    from learner.worker import chunked_logprobs
+    from learner.logprobs import chunked_logprobs
 
     g = torch.Generator().manual_seed(chunk)
     logits = torch.randn(2, 9, 11, generator=g, requires_grad=True)  # [rows, W, V]

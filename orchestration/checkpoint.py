@@ -1,0 +1,228 @@
+"""Checkpoints of a run, written atomically, and the choice of one to resume from.
+
+Layout: `<output_dir>/checkpoints/step_00000012/` holds everything needed to continue after step
+11 as if the run had never stopped:
+- `learner/`: the learner's sharded model, optimizer and (per rank, `rank{r}.pt`) LR schedule and
+  RNG state — `torch.distributed.checkpoint`, written by every rank (the directory must be on
+  storage every learner node sees);
+- `run.pkl`: the driver's state (`RunState`: next step, policy version, evaluations so far,
+  metrics waiting to be logged, completions generated but not yet trained on, RNGs);
+- `metrics.jsonl`: the run's metrics so far (restored on resume, so nothing is logged twice);
+- `state.json`: the config and a summary, for people and for the compatibility check;
+- `COMPLETE`: written last. A checkpoint is written into `.partial-step_N/` and renamed into place
+  only after `COMPLETE` is on disk; a crash or a full disk mid-write leaves the previous
+  checkpoint as the newest complete one. Only the newest `checkpoint.keep` are kept.
+
+Resuming is exact for `rollout.max_staleness=0` on the same machine and world size in fp32:
+sampling seeds are functions of (run seed, step, round, prompt, sample), data batches of (seed,
+step), and the weights and optimizer state are restored bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from orchestration.config import ConfigError
+
+log = logging.getLogger("raygrpo")
+
+COMPLETE = "COMPLETE"
+# May not change on resume: the policy and what it was trained on would no longer be one run.
+FIXED = ("model.path", "seed", "task", "data.train_files", "data.prompt_key", "data.answer_key", "data.shuffle",
+         "rollout.prompts_per_step")
+# May change and keep the resume exact: run length, where things are written, logging, placement of
+# the engines, deadlines. Anything else may change too, but the resumed run is then a different run.
+EXACT_ANYWAY = ("steps", "resume", "output_dir", "logger", "checkpoint", "eval", "rollout.num_actors", "ray",
+                "rollout.timeout_s", "sync.timeout_s", "reward.timeout_s", "reward.num_workers", "topology",
+                "dry_run", "experiment")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+@dataclass
+class RunState:
+    """The driver's side of a run, as checkpointed."""
+
+    step: int = 0  # the next step to run
+    version: int = 0  # the policy version the engines hold
+    evals: list = field(default_factory=list)  # EvalResult of every evaluation so far
+    pending: dict[str, float] = field(default_factory=dict)  # metrics logged with the next step
+    queued: dict[int, Any] = field(default_factory=dict)  # step -> Sampled, generated but not trained on
+    skipped_in_a_row: int = 0  # steps whose update was skipped (non-finite gradients), consecutively
+    wandb_id: str | None = None
+    samples_bytes: int = 0  # length of samples.jsonl at the checkpoint
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+def capture_rng() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    if state:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+class Checkpoints:
+    """The checkpoints of one run directory."""
+
+    def __init__(self, output_dir: str | Path, keep: int = 2):
+        self.root = Path(output_dir).resolve() / "checkpoints"
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / COMPLETE).is_file())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def write(self, step: int, fill: Callable[[Path], None]) -> Path:
+        """Create checkpoint `step`: `fill(directory)` writes its files into a staging directory
+        that becomes `step_N` only when complete; then older checkpoints beyond `keep` go. Raises
+        CheckpointError (the staging directory removed) when writing fails, e.g. on a full disk."""
+        final = self.root / f"step_{step:08d}"
+        staging = self.root / f".partial-{final.name}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".partial-*"):  # a write a crash interrupted
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir()
+            fill(staging)
+            _write_synced(staging / COMPLETE, f"step {step}\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _sync_dir(self.root)
+        except Exception as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            previous = self.latest()
+            raise CheckpointError(f"checkpoint of step {step} not written ({type(err).__name__}: {err}); "
+                                  f"{'the newest complete one is ' + str(previous) if previous else 'none exists yet'}"
+                                  ) from err
+        for old in self.complete()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def write_driver_files(directory: Path, state: RunState, config: dict[str, Any], run_dir: Path) -> None:
+    """The driver's part of a checkpoint: run state, metrics so far, config summary."""
+    with open(directory / "run.pkl", "wb") as f:
+        pickle.dump(state, f)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        shutil.copyfile(metrics, directory / "metrics.jsonl")
+    summary = {"step": state.step, "version": state.version, "config": config}
+    _write_synced(directory / "state.json", json.dumps(summary, indent=1, default=str))
+
+
+def read_state(checkpoint: Path) -> RunState:
+    with open(checkpoint / "run.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+def restore_run_files(checkpoint: Path, run_dir: Path, state: RunState) -> None:
+    """Put the run directory's logs back as they were at the checkpoint: metrics.jsonl from the
+    checkpoint, samples.jsonl cut to its length then (rows logged after it are logged again)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = checkpoint / "metrics.jsonl"
+    if saved.exists():
+        shutil.copyfile(saved, run_dir / "metrics.jsonl")
+    samples = run_dir / "samples.jsonl"
+    if samples.exists():
+        with open(samples, "r+b") as f:
+            f.truncate(min(state.samples_bytes, os.path.getsize(samples)))
+
+
+def choose_resume(cfg: Any) -> Path | None:
+    """The checkpoint to resume from per `resume` (auto / never / a path), checked against `cfg`;
+    ConfigError (one line) when there is nothing to resume or the config may not resume it."""
+    checkpoints = Checkpoints(cfg.output_dir)
+    if cfg.resume == "never":
+        newest = checkpoints.latest()
+        if newest is not None:
+            raise ConfigError(f"{cfg.output_dir} holds checkpoints of an earlier run (newest: {newest.name}): "
+                              f"resume=auto continues it; or choose another output_dir, or delete {checkpoints.root}")
+        return None
+    if cfg.resume == "auto":
+        chosen = checkpoints.latest()
+        if chosen is None:
+            log.warning("resume=auto: no complete checkpoint in %s; starting from step 0", checkpoints.root)
+            return None
+    else:
+        chosen = Path(cfg.resume).expanduser().resolve()
+        if not (chosen / COMPLETE).is_file():
+            raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint directory (no {COMPLETE} file)")
+    check_compatible(json.loads((chosen / "state.json").read_text())["config"], _plain(cfg), chosen)
+    return chosen
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Raise ConfigError naming the `FIXED` settings that differ; warn about other changes that
+    make the resumed run inexact."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(set(old) | set(new))
+    changed = [k for k in keys if old.get(k) != new.get(k)]
+    fixed = [k for k in changed if _under(k, FIXED)]
+    if fixed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in fixed[:4])
+        raise ConfigError(f"checkpoint {where} was written by another config: {shown}{' ...' if len(fixed) > 4 else ''}; "
+                          f"these may not change on resume ({', '.join(FIXED)}); other settings may")
+    inexact = [k for k in changed if not _under(k, EXACT_ANYWAY)]
+    if inexact:
+        log.warning("resuming with changed settings (the run continues, but not bit for bit): %s", ", ".join(inexact))
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
