@@ -103,7 +103,8 @@ def test_single_number(completion, expected):
 
 
 def test_registry_names():
-    assert set(REWARDS) == {"accuracy", "accuracy_strict", "format", "single_number", "digits", "code_tests"}
+    assert set(REWARDS) == {"accuracy", "accuracy_strict", "format", "single_number", "digits", "code_tests",
+                            "think_format", "language_consistency"}
     assert resolve("format") is format_reward
 
 

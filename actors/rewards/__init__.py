@@ -21,6 +21,7 @@ from typing import Callable
 
 from actors.rewards.code import code_tests
 from actors.rewards.math import accuracy, accuracy_strict, digits, format_reward, single_number
+from actors.rewards.reasoning import language_consistency, think_format
 
 RewardFn = Callable[..., float]
 CONTEXT = ("prompt", "metadata")  # keyword arguments a reward function may ask for
@@ -32,6 +33,8 @@ REWARDS: dict[str, RewardFn] = {
     "single_number": single_number,
     "digits": digits,
     "code_tests": code_tests,
+    "think_format": think_format,
+    "language_consistency": language_consistency,
 }
 
 
