@@ -319,6 +319,9 @@ class LearnerWorker:
 
     def broadcast_weights(self) -> list[tuple[int, int]]:
         """Gather full tensors bucket by bucket (all ranks); the ranks holding a transport send them.
+        A failed send (a receiver died) closes the transport, so the other receivers fail at once
+        instead of waiting out their timeout, and is raised only after every bucket was gathered:
+        the other learner ranks are never left blocked in a gather, and the sync can be retried.
 
         Buckets are packed into one reused buffer, on CPU with one thread: the copies are
         memory-bound, and the engines load the previous bucket meanwhile (on 2 cores, two threads
@@ -330,17 +333,24 @@ class LearnerWorker:
         threads = torch.get_num_threads()
         if self.device.type == "cpu":
             torch.set_num_threads(1)
-        sums = []
+        sums, failed = [], None
         try:
             with torch.no_grad():
                 for bucket, numel in zip(self.buckets, sizes):
-                    full = [_full(params[spec.name]) for spec in bucket]
-                    if space is not None:
+                    full = [_full(params[spec.name]) for spec in bucket]  # every rank gathers every bucket
+                    if space is not None and failed is None:
                         buf = pack(full, numel, self.wire_dtype, self.device, out=space)
-                        self.transport.send(buf)  # done with `buf` before the next pack writes it
+                        try:
+                            self.transport.send(buf)  # done with `buf` before the next pack writes it
+                        except Exception as err:  # a receiver died: stop sending, release the others
+                            failed = err
+                            self.transport.close()
+                            continue
                         sums.append(checksum(buf))
         finally:
             torch.set_num_threads(threads)
+        if failed is not None:  # raised after the loop, so the other ranks' gathers complete
+            raise failed
         return sums
 
     def save_pretrained(self, path: str, driver_node: str) -> list[str]:

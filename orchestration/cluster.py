@@ -2,7 +2,8 @@
 
 Each role (rollout, learner, reward) gets its own placement group of one bundle per actor, so
 resources are reserved up front (or the run stops with a clear message) and the placement can be
-printed before anything starts (`dry_run=true`).
+printed before anything starts (`dry_run=true`). Rollout engines added during a run (growth beyond
+the initial slots) get a placement group each from `extra_rollout_slot`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table
@@ -113,6 +114,28 @@ def place(cfg: Any, roles: tuple[str, ...] = ROLES, timeout_s: float = 60.0) -> 
     return placement
 
 
+def extra_rollout_slot(cfg: Any) -> Callable[[int], tuple[dict[str, Any], list[int]]] | None:
+    """`more(slot)` for `RolloutPool.start`: a fresh placement group for one engine beyond the initial
+    ones — one bundle of the rollout role's spec, or with tensor parallelism the engine's own
+    STRICT_PACK group as in `_place_tp_engines`. `more` returns (Ray actor options, engine bundles)
+    without waiting: the actor starts once its group is placed (the pool's start deadline covers a
+    group that never is). None with `topology.colocate`: engine i pairs with learner rank i, so a
+    colocated pool has no extra slots (a replacement reuses its dead engine's slot)."""
+    if cfg.topology.colocate:
+        return None
+
+    def more(slot: int) -> tuple[dict[str, Any], list[int]]:
+        if cfg.rollout.tensor_parallel_size > 1:
+            spec = tp_engine_bundles(cfg)
+            pg = placement_group(spec, strategy="STRICT_PACK", name=f"raygrpo-rollout-{slot}")
+            return _tp_engine_options(pg), list(range(len(spec)))
+        _, bundle = role_bundle(cfg, "rollout")
+        pg = placement_group([dict(bundle)], strategy="PACK", name=f"raygrpo-rollout-{slot}")
+        return _actor_options(pg, 0, bundle), []
+
+    return more
+
+
 def tp_engine_bundles(cfg: Any) -> list[dict[str, float]]:
     """One engine's placement group with tensor parallelism TP: TP one-GPU bundles (vLLM's Ray
     executor refuses larger ones), the actor's CPUs and custom resources spread over them."""
@@ -129,11 +152,15 @@ def _place_tp_engines(cfg: Any, placement: Placement, node_ip: dict[str, str], t
     for i in range(cfg.rollout.num_actors):
         pg = _reserve(spec, "STRICT_PACK", f"raygrpo-rollout-{i}", timeout_s)
         placement.nodes["rollout"].append(node_ip.get(_bundle_nodes(pg, 1)[0], "?"))
-        placement.options["rollout"].append({"num_cpus": 0, "num_gpus": 0, "scheduling_strategy":
-                                             PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
-                                                                              placement_group_capture_child_tasks=True)})
+        placement.options["rollout"].append(_tp_engine_options(pg))
         placement.reserved["rollout"].append({k: sum(b.get(k, 0.0) for b in spec) for k in spec[0]})
         placement.engine_bundles.append(list(range(len(spec))))
+
+
+def _tp_engine_options(pg) -> dict[str, Any]:
+    """The TP engine actor holds nothing itself; it captures its group for vLLM's workers."""
+    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)}
 
 
 def _place_colocated(cfg: Any, placement: Placement, node_ip: dict[str, str], timeout_s: float) -> None:

@@ -109,13 +109,13 @@ class Control:
         import ray
 
         requested = ray.get(self.actor.take.remote())
-        if requested is not None and requested != getattr(pool, "target", len(pool.actors)):  # TEMP
+        if requested is not None and requested != pool.target:
             if self.colocated:
                 log.error("scale request ignored: colocated engines are paired with learner ranks")
             else:
                 log.warning("step %d: rollout actors %d -> %d (requested from outside)", step, pool.target, requested)
                 pool.resize(requested)
-        self.actor.report.remote({"step": step, "rollout_actors": len(pool.actors), "rollout_target": getattr(pool, "target", None)})
+        self.actor.report.remote({"step": step, "rollout_actors": len(pool.actors), "rollout_target": pool.target})
 
 
 def scale(rollout: int, run: str | None = None, address: str | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from learner.batch import TrainBatch
 from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
 from orchestration.batching import build_batch, overlong_shaping, pad_to_multiple
-from orchestration.cluster import Placement
+from orchestration.cluster import Placement, extra_rollout_slot
 from orchestration.gpu_layout import sync_backend
 from orchestration.evaluation import EvalResult, evaluate
 from orchestration.lifecycle import Lifecycle
@@ -69,6 +69,7 @@ def start_rollout(cfg: Any, placement: Placement) -> RolloutPool:
     """The engines; each resolves `model.path` on its own node."""
     r = cfg.rollout
     return RolloutPool.start(placement.options["rollout"], cfg.model.path, r.timeout_s, placement.engine_bundles,
+                             more=extra_rollout_slot(cfg),  # placement for engines added during the run
                              gpu=cfg.topology.rollout_gpus > 0, colocated=cfg.topology.colocate,
                              dtype=engine_dtype(cfg), seed=cfg.seed,
                              max_model_len=cfg.model.max_model_len, max_prompt_tokens=r.max_prompt_tokens,
@@ -239,7 +240,7 @@ def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: di
         "rollout/truncated": sum(c.finish_reason == "length" for c in completions) / max(1, len(completions)),
         "rollout/prompts_dropped": float(len(sampled.dropped)),
         "rollout/actors_lost": float(actors.rollout.lost),
-        "rollout/actors_replaced": float(getattr(actors.rollout, "replaced", 0)),  # TEMP
+        "rollout/actors_replaced": float(actors.rollout.replaced),
         "rollout/num_actors": float(len(actors.rollout.actors)),
         "rollout/policy_version": float(min(g.version for g in sampled.groups)),
         "rollout/staleness_mean": float(staleness.mean()),

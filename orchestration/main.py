@@ -79,8 +79,6 @@ def run(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     global _started
     _started = True
-    from learner.group import LearnerLost
-    from orchestration.checkpoint import Checkpoints
     from orchestration.control import RunStopped
 
     try:
@@ -91,12 +89,27 @@ def _hydra_main(cfg: DictConfig) -> None:
     except RunStopped as stop:
         print(f"raygrpo: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
-    except (LearnerLost, KeyboardInterrupt) as err:
+    except (KeyboardInterrupt, Exception) as err:
+        if not _fatal(err):
+            raise  # a bug: Hydra prints the traceback
+        from orchestration.checkpoint import Checkpoints
+
         newest = Checkpoints(cfg.output_dir).latest()
         resume = f"resume=auto continues from {newest}" if newest else "no checkpoint was written yet"
         what = "stopped at once" if isinstance(err, KeyboardInterrupt) else f"error: {err}; the run stopped"
         print(f"raygrpo: {what}; {resume}", file=sys.stderr)
         sys.exit(130 if isinstance(err, KeyboardInterrupt) else 1)
+
+
+def _fatal(err: BaseException) -> bool:
+    """A second Ctrl-C, a lost learner rank, a weight sync that failed twice: the run cannot go on
+    and the message says where to resume (imported here: the user-error path stays light)."""
+    if isinstance(err, KeyboardInterrupt):
+        return True
+    from learner.group import LearnerLost
+    from orchestration.weight_sync import WeightSyncError
+
+    return isinstance(err, (LearnerLost, WeightSyncError))
 
 
 def main() -> None:

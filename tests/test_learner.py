@@ -142,40 +142,6 @@ def test_zero_gpu_actors_see_no_gpu_and_choose_the_cpu(ray_local):
     assert str(choose_device([3])) == "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES lists the granted GPU alone
 
 
-class Doomed:
-    """A rollout actor whose process dies mid-stream (a real actor death, as on a lost node)."""
-
-    def stream(self, prompts, spec):
-        import os
-
-        from actors.types import GenerateResult
-
-        yield GenerateResult([], [])  # it started...
-        os._exit(1)  # ...and its prompts are lost with it
-
-    def join_weight_group(self, **kwargs):
-        raise AssertionError("a dead actor must not be asked to rejoin")
-
-
-def test_rollout_actor_death_is_survived_and_the_group_rebuilt(ray_local, tiny_model, engine):
-    from orchestration.pools import RolloutPool
-    from orchestration.weight_sync import WeightSync
-
-    pool = RolloutPool([engine, ray_local.remote(num_cpus=0.1)(Doomed).remote()], timeout_s=120.0)
-    prompts = [Prompt(str(i), f"What is {i} + 1?") for i in range(4)]
-    result = pool.generate(prompts, SamplingSpec(n=2, temperature=1.0, max_tokens=4))
-    assert [g.prompt.id for g in result.groups] == ["0", "1", "2", "3"]  # nothing lost, order kept
-    assert pool.lost == 1 and pool.needs_resync and pool.actors == [engine]
-    group = make_group(ray_local, tiny_model, SFTObjective(), lr=1e-3)
-    try:
-        sync = WeightSync(group, pool, backend="gloo", dtype="float32", bucket_mb=1, timeout_s=60)
-        sync.connect()  # a new generation of the broadcast group, without the dead actor
-        sync.push(9)
-        assert not pool.needs_resync and sync.generation == 0 and sync.version == 9
-    finally:
-        group.shutdown()
-
-
 @pytest.mark.parametrize("chunk", [0, 1, 5, 7, 64])
 def test_chunked_logprobs_equal_the_whole_computation(chunk):
     """Values and gradients (logprobs and entropy) do not depend on the chunking: checkpointed chunks
