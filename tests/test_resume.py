@@ -1,7 +1,8 @@
 """Long runs, end to end through the CLI: a run stopped by SIGTERM and resumed equals an
 uninterrupted one (metrics and final weights); a checkpoint exports to a Hugging Face directory;
-a running job's rollout pool is scaled 1 → 2 → 1 from outside; Ctrl-C twice stops at once and
-leaves only complete checkpoints."""
+a running job's rollout pool is scaled 1 → 2 → 1 from outside; Ctrl-C twice stops with one line
+and leaves only complete checkpoints (that the second one stops at once, whatever the run is doing,
+is tested on the signal handler itself in test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -113,7 +114,10 @@ def test_scale_a_running_job_then_ctrl_c_twice(tmp_path, cache_dir):
     os.killpg(proc.pid, signal.SIGINT)
     code, log = finish(proc, out, timeout=60)
     assert code == 130, log[-3000:]
-    assert "raygrpo: stopped at once; resume=auto continues from" in log and "Traceback" not in log
+    # the second Ctrl-C stops at once, unless the first one's step and checkpoint were already done
+    assert ("raygrpo: stopped at once; resume=auto continues from" in log
+            or "raygrpo: stopped by SIGINT after step" in log), log[-3000:]
+    assert "Traceback" not in log
 
     rows = metrics(out)
     counts = [r["rollout/num_actors"] for r in rows]
