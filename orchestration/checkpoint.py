@@ -174,7 +174,7 @@ def choose_resume(cfg: Any) -> Path | None:
         chosen = Path(cfg.resume).expanduser().resolve()
         if not (chosen / COMPLETE).is_file():
             raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint directory (no {COMPLETE} file)")
-    check_compatible(json.loads((chosen / "state.json").read_text())["config"], _plain(cfg), chosen)
+    check_compatible(json.loads((chosen / "state.json").read_text())["config"], config_dict(cfg), chosen)
     return chosen
 
 
@@ -207,7 +207,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain containers (what a run records and a resume compares)."""
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)

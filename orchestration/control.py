@@ -86,18 +86,14 @@ class ControlActor:
     def report(self, status: dict[str, Any]) -> None:
         self.status = status
 
-    def get_status(self) -> dict[str, Any]:
-        return self.status
-
 
 class Control:
     """The driver's side: serve the named actor, apply its requests between steps."""
 
-    def __init__(self, run_dir: Path, colocated: bool):
+    def __init__(self, run_dir: Path):
         import ray
 
         self.name = f"control:{run_dir.resolve()}"
-        self.colocated = colocated
         self.actor = ray.remote(ControlActor).options(name=self.name, namespace=NAMESPACE, num_cpus=0,
                                                       lifetime="non_detached").remote()
         record = {"address": ray.get_runtime_context().gcs_address, "actor": self.name, "namespace": NAMESPACE,
@@ -110,11 +106,11 @@ class Control:
 
         requested = ray.get(self.actor.take.remote())
         if requested is not None and requested != pool.target:
-            if self.colocated:
-                log.error("scale request ignored: colocated engines are paired with learner ranks")
-            else:
-                log.warning("step %d: rollout actors %d -> %d (requested from outside)", step, pool.target, requested)
+            log.warning("step %d: rollout actors %d -> %d (requested from outside)", step, pool.target, requested)
+            try:
                 pool.resize(requested)
+            except ValueError as err:  # e.g. colocated engines are paired with learner ranks
+                log.error("scale request ignored: %s", err)
         self.actor.report.remote({"step": step, "rollout_actors": len(pool.actors), "rollout_target": pool.target})
 
 
@@ -127,6 +123,7 @@ def scale(rollout: int, run: str | None = None, address: str | None = None) -> d
     if record.get("auth_mode") and "RAY_AUTH_MODE" not in os.environ:  # a local ray.init() turns token auth on
         os.environ["RAY_AUTH_MODE"] = record["auth_mode"]  # read at import; the token: RAY_AUTH_TOKEN or Ray's file
     import ray
+
     ray.init(address=address or record.get("address") or "auto", namespace=NAMESPACE, log_to_driver=False,
              logging_level=logging.WARNING)
     try:

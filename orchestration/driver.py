@@ -13,7 +13,6 @@ from typing import Any, Iterator
 
 import ray
 import torch
-from omegaconf import OmegaConf
 
 from actors.types import SamplingSpec
 from learner.batch import TrainBatch
@@ -23,6 +22,7 @@ from orchestration.batching import build_batch, overlong_shaping, pad_to_multipl
 from orchestration.cluster import Placement, extra_rollout_slot
 from orchestration.gpu_layout import sync_backend
 from orchestration.evaluation import EvalResult, evaluate
+from orchestration.checkpoint import config_dict
 from orchestration.lifecycle import Lifecycle
 from orchestration.metrics import RunLogger, Timer
 from orchestration.pools import RewardPool, RolloutPool
@@ -259,10 +259,6 @@ def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: di
         m["reward/other_terms_without_accuracy"] = sum(s.parts.get("accuracy", 0.0) <= 0 for s in shaping) / max(
             1, len(flat))
     return m
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
 def run_train(cfg: Any, placement: Placement, task: Task, resume_from: Path | None = None) -> Path:

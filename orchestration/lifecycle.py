@@ -44,7 +44,7 @@ class Lifecycle:
                 actors.sync.push(self.state.version)
             log.warning("resumed from %s: step %d, policy version %d", self.resume_from, self.state.step,
                         self.state.version)
-        self.control = Control(self.run_dir, colocated=actors.colocated)
+        self.control = Control(self.run_dir)
 
     def before_step(self, step: int) -> None:
         """Apply a pending request to resize the rollout pool (takes effect at the next sync)."""
