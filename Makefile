@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.raygrpo-installed
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install demo test test-fast smoke clean
+.PHONY: install demo r1 test test-fast smoke clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/raygrpo experiment=demo
+
+r1: $(STAMP)
+	$(VENV)/bin/raygrpo experiment=r1_cpu
 
 test: $(STAMP)
 	$(PY) -m pytest -q

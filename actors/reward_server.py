@@ -3,7 +3,8 @@
 Started as ``python -m actors.reward_server``.  It talks over stdin/stdout in
 length-prefixed pickles (an 8-byte big-endian length, then the pickle):
 
-1. The parent sends the list of reward function names.  The child resolves
+1. The parent sends the list of ``(name, settings)`` of the reward functions
+   (settings: None, or a factory's keyword arguments).  The child resolves
    them itself (so functions never need to be picklable) and answers
    ``("ready", None)`` or ``("error", message)``.
 2. Then requests, each answered by ``("ok", result)`` or ``("error", message)``
@@ -96,8 +97,8 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
 
     try:
         functions = {}
-        for name in read_message(requests):
-            fn = resolve(name)
+        for name, settings in read_message(requests):
+            fn = resolve(name, settings)
             functions[name] = (fn, is_batched(fn), context_kwargs(fn))
     except Exception as e:
         write_message(replies, ("error", f"{type(e).__name__}: {e}"))

@@ -82,13 +82,7 @@ class RolloutActor:
         return True
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Prompt token ids: the chat template when the tokenizer has one, else the raw text (a
-        chat's contents joined by blank lines)."""
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(prompt.messages(), add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        text = prompt.content if isinstance(prompt.content, str) else "\n\n".join(m["content"] for m in prompt.content)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt.token_ids(self.tokenizer)
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> GenerateResult:
         """Sample `spec.n` completions for each prompt, all at once (see `stream`), in prompt order."""

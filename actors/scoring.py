@@ -82,6 +82,9 @@ class Scorer:
             or import paths (see :mod:`actors.rewards`).
         timeout_s: Deadline for scoring one sample with all its per-sample
             functions (a batched function gets it once per sample of its group).
+        settings: Settings of built-ins made by a factory, by name (e.g.
+            ``{"think_format": {"open": "<think>", "close": "</think>"}}``);
+            names not scored here are ignored.
 
     Raises:
         ValueError: no functions, an unknown function name (the message lists
@@ -91,13 +94,15 @@ class Scorer:
     ``score`` is serialized by a lock, so a Scorer may be shared by threads.
     """
 
-    def __init__(self, functions: dict[str, float], timeout_s: float = 5.0) -> None:
+    def __init__(self, functions: dict[str, float], timeout_s: float = 5.0,
+                 settings: dict[str, dict] | None = None) -> None:
         self._proc: subprocess.Popen | None = None
         if not functions:
             raise ValueError("Scorer needs at least one reward function")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        batched = {name for name in functions if is_batched(resolve(name))}  # ValueError lists known names
+        self.settings = {name: dict(v) for name, v in (settings or {}).items() if name in functions}
+        batched = {name for name in functions if is_batched(resolve(name, self.settings.get(name)))}  # lists known names
         self.functions = {name: float(weight) for name, weight in functions.items()}
         self.timeout_s = float(timeout_s)
         self._per_sample = len(batched) < len(functions)
@@ -174,7 +179,7 @@ class Scorer:
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         try:
-            self._send(list(self.functions))
+            self._send([(name, self.settings.get(name)) for name in self.functions])
             status, payload = self._receive(STARTUP_TIMEOUT_S)
         except (TimeoutError, _ChildDied) as e:
             status, payload = "error", repr(e)

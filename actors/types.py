@@ -28,6 +28,15 @@ class Prompt:
             chat.insert(0, {"role": "system", "content": self.system})
         return chat
 
+    def token_ids(self, tokenizer: Any) -> list[int]:
+        """Prompt token ids: the chat template when the tokenizer has one, else the raw text (a
+        chat's contents joined by blank lines). The engines and SFT encode prompts alike."""
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        text = self.content if isinstance(self.content, str) else "\n\n".join(m["content"] for m in self.content)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
 
 @dataclass(frozen=True)
 class SamplingSpec:

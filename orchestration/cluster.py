@@ -88,6 +88,17 @@ class Placement:
         path.write_text(json.dumps(record, indent=1))
 
 
+    def release(self) -> None:
+        """Remove the placement groups (Ray stops the actors still in them): the next stage of a
+        pipeline places its own."""
+        from ray.util.placement_group import remove_placement_group
+
+        groups = {id(o["scheduling_strategy"].placement_group): o["scheduling_strategy"].placement_group
+                  for opts in self.options.values() for o in opts}
+        for pg in groups.values():
+            remove_placement_group(pg)
+
+
 def place(cfg: Any, roles: tuple[str, ...] = ROLES, timeout_s: float = 60.0) -> Placement:
     """Reserve placement groups (one per role; one per engine for tensor-parallel engines; one for
     colocated engine/learner pairs) before any actor starts; raise ConfigError if the cluster

@@ -16,6 +16,9 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from orchestration.recipe_config import (DistillConfig, PipelineConfig, ReasoningConfig, RejectionConfig, SFTConfig,
+                                         validate_recipe)
+
 
 class ConfigError(ValueError):
     """A user error in the configuration; the message is shown as is, without a traceback."""
@@ -324,6 +327,9 @@ class EvalConfig:
     reward: str = "accuracy"
     """Reward function that judges held-out replies (`code_tests` for code); a reply is correct
     when it scores 1. eval/accuracy is its mean over greedy replies."""
+    format_reward: str = ""
+    """Reward function whose mean over greedy replies is `eval/format_rate` (`think_format` in the
+    R1 recipe); empty for none."""
 
 
 @dataclass
@@ -343,7 +349,10 @@ class Config:
     none); `never`: start afresh (an error when `output_dir` holds checkpoints, so none is
     overwritten by mistake); or the path of one checkpoint directory."""
     stage: str = "train"
-    """`train` (GRPO), or `eval` (evaluate `model.path` on the test split; starts no learner)."""
+    """`train` (GRPO); `eval` (evaluate `model.path` on the test split; no learner); `sft`
+    (supervised fine-tuning, `sft.*`); `distill` (sft of a student, `distill.*`);
+    `rejection_sampling` (sample, filter and write an SFT data set, `rejection.*`); `pipeline`
+    (the stages of `pipeline.stages` in turn, e.g. the R1 recipe: `experiment=r1_cpu`)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy (and reference) model."""
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -370,6 +379,16 @@ class Config:
     """Which Ray cluster to use."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning (stages sft and distill)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The student of a distill stage."""
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    """What a rejection_sampling stage samples and keeps."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """The stages of stage=pipeline."""
+    reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
+    """Think tags and reflection markers of the reasoning metrics (`reasoning/*`)."""
 
 
 def register_configs() -> None:
@@ -441,7 +460,7 @@ def validate(cfg: Any) -> None:
     d = cfg.data
     check(d.epochs >= 1, f"data.epochs must be >= 1, got {d.epochs}")
     check(bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key and data.answer_key must not be empty")
-    check(cfg.stage != "train" or bool(d.train_files) or not d.val_files,
+    check(cfg.stage not in ("train", "rejection_sampling") or bool(d.train_files) or not d.val_files,
            "data.val_files is set but data.train_files is not: give training files too (or stage=eval)")
     check(cfg.logger.samples_every_n_steps >= 0,
            f"logger.samples_every_n_steps must be >= 0, got {cfg.logger.samples_every_n_steps}")
@@ -461,7 +480,7 @@ def validate(cfg: Any) -> None:
     validate_gpus(cfg)
     check(cfg.topology.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
            f"topology.strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {cfg.topology.strategy!r}")
-    check(cfg.stage in ("train", "eval"), f"stage must be train or eval, got {cfg.stage!r}")
+    validate_recipe(cfg, check)
     check(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps must be >= 0, got {cfg.eval.every_n_steps}")
     check(cfg.eval.pass_k >= 1, f"eval.pass_k must be >= 1, got {cfg.eval.pass_k}")
     check_model_path(cfg.model.path)
@@ -473,9 +492,12 @@ def validate_rewards(cfg: Any) -> None:
 
     check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
     check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
-    for name in list(cfg.reward.functions) + [cfg.eval.reward]:
+    from orchestration.recipe_config import reward_settings
+
+    settings = reward_settings(cfg)
+    for name in list(cfg.reward.functions) + [cfg.eval.reward] + ([cfg.eval.format_reward] if cfg.eval.format_reward else []):
         try:
-            resolve(name)
+            resolve(name, settings.get(name))
         except UnknownRewardError as e:
             raise ConfigError(f"reward function {name!r}: {e}") from None
     check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")

@@ -100,6 +100,12 @@ class Control:
                   "auth_mode": os.environ.get("RAY_AUTH_MODE", "")}  # never the token itself
         (run_dir / "control.json").write_text(json.dumps(record, indent=1))
 
+    def close(self) -> None:
+        """Stop serving (the next stage of a pipeline shares this Ray session)."""
+        import ray
+
+        ray.kill(self.actor)
+
     def apply(self, pool: Any, step: int) -> None:
         """Resize the rollout pool if someone asked; report the step and pool size."""
         import ray

@@ -27,6 +27,8 @@ from orchestration.lifecycle import Lifecycle
 from orchestration.metrics import RunLogger, Timer
 from orchestration.pools import RewardPool, RolloutPool
 from orchestration.producer import Producer, Sampled
+from orchestration.reasoning_metrics import reasoning_metrics
+from orchestration.recipe_config import reward_settings
 from orchestration.weight_sync import WeightSync
 from tasks.base import Task, prompt_text
 
@@ -77,25 +79,32 @@ def start_rollout(cfg: Any, placement: Placement) -> RolloutPool:
                              gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
 
 
+def start_learner(cfg: Any, placement: Placement, model_path: str, objective: Any, total_steps: int,
+                  **extra: Any) -> LearnerGroup:
+    """The learner group on `model_path` with `learner.*` settings; `extra`: the stage's own."""
+    l = cfg.learner
+    return LearnerGroup(
+        l.num_ranks, placement.options["learner"], model_path=model_path, objective=objective, lr=l.lr,
+        betas=tuple(l.betas), weight_decay=l.weight_decay, warmup_steps=l.warmup_steps, schedule=l.schedule,
+        total_steps=total_steps, grad_clip=l.grad_clip, micro_batch_tokens=l.micro_batch_tokens,
+        mixed_precision=l.mixed_precision, gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
+        cpu_threads=max(1, int(cfg.topology.learner_cpus)), logits_chunk=l.logits_chunk_tokens,
+        share_prompts=l.share_prompts, **extra)
+
+
 def start_actors(cfg: Any, placement: Placement) -> Actors:
     r, l, a = cfg.rollout, cfg.learner, cfg.algo
     rollout = start_rollout(cfg, placement)
     if cfg.topology.colocate:
         ray.get(rollout.call("sleep"))  # the learner loads onto the shared devices next
-    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s)
+    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s, reward_settings(cfg))
     kl_in_loss = a.kl_coef if a.kl_in == "loss" else 0.0
     objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
                               max_tokens=r.max_new_tokens, kl_coef=kl_in_loss, kl_estimator=a.kl_estimator,
                               entropy_coef=a.entropy_coef, is_cap=a.is_cap,
                               off_policy=a.old_logprobs if r.max_staleness > 0 else "")
-    learner = LearnerGroup(
-        l.num_ranks, placement.options["learner"], model_path=cfg.model.path, objective=objective, lr=l.lr,
-        betas=tuple(l.betas), weight_decay=l.weight_decay, warmup_steps=l.warmup_steps, schedule=l.schedule,
-        total_steps=cfg.steps, grad_clip=l.grad_clip, micro_batch_tokens=l.micro_batch_tokens,
-        num_minibatches=l.num_minibatches, temperature=r.temperature, mixed_precision=l.mixed_precision,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
-        cpu_threads=max(1, int(cfg.topology.learner_cpus)), reference=a.kl_in == "reward" and a.kl_coef > 0,
-        logits_chunk=l.logits_chunk_tokens, share_prompts=l.share_prompts)
+    learner = start_learner(cfg, placement, cfg.model.path, objective, cfg.steps, num_minibatches=l.num_minibatches,
+                            temperature=r.temperature, reference=a.kl_in == "reward" and a.kl_coef > 0)
     sync = WeightSync(learner, rollout, backend=sync_backend(cfg), dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
                       timeout_s=cfg.sync.timeout_s, workers_per_engine=r.tensor_parallel_size)
     sync.connect()
@@ -110,7 +119,7 @@ def eval_settings(cfg: Any, midway: bool = False) -> SimpleNamespace:
     pass_k = 1 if midway and not e.pass_k_midway else e.pass_k
     return SimpleNamespace(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, pass_k=pass_k,
                            temperature=e.temperature, reward=e.reward, reward_timeout_s=cfg.reward.timeout_s,
-                           seed=cfg.seed)
+                           seed=cfg.seed, format_reward=e.format_reward, reward_settings=reward_settings(cfg))
 
 
 def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task, life: Lifecycle) -> list[EvalResult]:
@@ -152,7 +161,7 @@ def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task, life: Lifecyc
                     learner_metrics = actors.learner.train_step(batch)
                 with timer("sync"), actors.handover():
                     actors.sync.push(step + 1)  # admits new engines and rebuilds the group when it changed
-                metrics = step_metrics(step, sampled, rewards, learner_metrics, timer, padded, actors)
+                metrics = step_metrics(step, sampled, rewards, learner_metrics, timer, padded, actors, cfg.reasoning)
                 logger.log(step, {**metrics, **state.pending})
             state.pending = {}
             life.after_step(step, producer, learner_metrics)
@@ -214,8 +223,8 @@ def save_outputs(cfg: Any, actors: Actors) -> Path:
 
 
 def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
-                 padded: int, actors: Actors) -> dict[str, float]:
-    """Everything a user watches per step, named `area/metric`."""
+                 padded: int, actors: Actors, reasoning: Any) -> dict[str, float]:
+    """Everything a user watches per step, named `area/metric` (`reasoning/*`: see reasoning_metrics)."""
     scores = sampled.scores
     completions = [c for g in sampled.groups for c in g.completions]
     lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
@@ -246,6 +255,8 @@ def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: di
         "rollout/staleness_mean": float(staleness.mean()),
         "rollout/staleness_max": float(staleness.max()),
         **{k: v for k, v in sampled.metrics.items() if not k.startswith("time/")},
+        **reasoning_metrics([c.text for c in completions], [len(c.token_ids) for c in completions],
+                            markers=reasoning.reflection_markers, open=reasoning.open_tag, close=reasoning.close_tag),
         "learner/padding_sequences": float(padded),
         **{f"learner/{k}": v for k, v in learner.items()},
         "perf/tokens_per_s": float(lengths.sum()) / max(times["time/generate"], 1e-9),
@@ -282,10 +293,14 @@ def run_train(cfg: Any, placement: Placement, task: Task, resume_from: Path | No
             save_outputs(cfg, actors)
     finally:
         logger.close()
+        if life.control is not None:
+            life.control.close()
     report.plot_curves(report.load_metrics(out), out / "curves.png")
-    if len(evals) >= 2:
-        table = report.before_after(evals[0].metrics, evals[-1].metrics)
-        report.write_report(out, config, table, evals[0].samples, evals[-1].samples, time.time() - start)
+    first, last = (evals[0], evals[-1]) if len(evals) >= 2 else (None, None)
+    table = report.before_after(first.metrics, last.metrics) if first else []
+    report.write_report(out, config, table, first.samples if first else [], last.samples if last else [],
+                        time.time() - start)
+    if table:
         report.print_summary(table, out)
     return out
 

@@ -27,7 +27,8 @@ class EvalResult:
 
 def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_prompt: str = "",
              num_samples: int = 4) -> EvalResult:
-    """`cfg`: max_new_tokens, pass_k, temperature, reward (the judging function), reward_timeout_s, seed.
+    """`cfg`: max_new_tokens, pass_k, temperature, reward (the judging function), reward_timeout_s, seed,
+    and optionally format_reward (eval/format_rate: its mean over greedy replies).
     Greedy and sampled replies come from one engine batch, so from one policy version."""
     by_id = {p.id: p for p in problems}
     greedy_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=cfg.max_new_tokens)
@@ -42,7 +43,9 @@ def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_pro
     greedy = [g for g in result.groups if not g.prompt.id.endswith(SAMPLED)]
     sampled = [g for g in result.groups if g.prompt.id.endswith(SAMPLED)]
     problem = lambda g: by_id[g.prompt.id.removesuffix(SAMPLED)]  # noqa: E731
-    with Scorer({cfg.reward: 1.0}, timeout_s=cfg.reward_timeout_s) as scorer:
+    fmt = getattr(cfg, "format_reward", "")
+    with Scorer({cfg.reward: 1.0, **({fmt: 0.0} if fmt and fmt != cfg.reward else {})},
+                timeout_s=cfg.reward_timeout_s, settings=getattr(cfg, "reward_settings", None)) as scorer:
         judged = [row[0] for row in scorer.score([score_request(g, problem(g)) for g in greedy])]
         values = [s.parts.get(cfg.reward, 0.0) for s in judged]
         metrics = {
@@ -51,6 +54,8 @@ def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_pro
             "eval/failed": float(sum(not s.ok for s in judged)),
             "eval/policy_version": float(min((g.version for g in result.groups), default=0)),
         }
+        if fmt:  # the share of greedy replies in the recipe's format (e.g. one think block, then the answer)
+            metrics["eval/format_rate"] = sum(s.parts.get(fmt, 0.0) >= 1.0 for s in judged) / max(1, len(problems))
         if cfg.pass_k > 1:
             rows = scorer.score([score_request(g, problem(g)) for g in sampled])
             hits = [any(s.parts.get(cfg.reward, 0.0) >= 1.0 for s in row) for row in rows]

@@ -41,36 +41,27 @@ def run(cfg: DictConfig) -> None:
     check_run(cfg)  # before the heavy imports below: a user error answers in a second or two
     import ray
 
-    from orchestration import cluster, driver, plan
-    from orchestration.checkpoint import choose_resume
-    from orchestration.models import resolve_model_path
-    from tasks import make_task
+    from orchestration import cluster, plan, stages
 
-    task = make_task(cfg)  # reads the data files: unusable data stops the run before Ray starts
-    limit = task.max_steps(cfg.rollout.prompts_per_step)
-    if cfg.stage == "train" and limit is not None and limit < cfg.steps:
-        log.warning("data.epochs=%d over %d rows ends the run after %d steps (steps=%d)", cfg.data.epochs,
-                    task.stats()["data/train_rows"], limit, cfg.steps)
-        cfg.steps = limit
-    resume_from = choose_resume(cfg) if cfg.stage == "train" and not cfg.dry_run else None
-    roles = ("rollout", "reward", "learner") if cfg.stage == "train" else ("rollout",)
+    if cfg.stage == "pipeline":
+        from orchestration import pipeline
+
+        pipeline.run(cfg)
+        return
+    prepared = stages.prepare(cfg)  # reads the data: unusable data stops the run before Ray starts
+    roles = stages.ROLES[cfg.stage]
     if cfg.dry_run and cfg.topology.plan_nodes:  # a cluster that is not there: plan only
         print(plan.describe_plan(cfg, roles))
         return
     cluster.start_ray(cfg)
     try:
-        placement = cluster.place(cfg, roles)
-        print(placement.describe(), flush=True)
         if cfg.dry_run:
+            print(cluster.place(cfg, roles).describe(), flush=True)
             print("\n".join(plan.memory_lines(cfg)))
             return
-        placement.save(Path(cfg.output_dir) / "placement.json")
-        resolve_model_path(cfg.model.path)  # builds a built-in once here; each actor resolves it on its node
-        if cfg.stage == "eval":
-            driver.run_eval(cfg, placement, task)
-        else:
-            out = driver.run_train(cfg, placement, task, resume_from)
-            print(f"run written to {out.resolve()}")
+        outcome = stages.run(cfg, prepared)
+        if outcome.policy or outcome.data:
+            print(f"run written to {Path(cfg.output_dir).resolve()}")
     finally:
         ray.shutdown()
 

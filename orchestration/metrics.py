@@ -40,7 +40,7 @@ class Timer:
 
 class RunLogger:
     def __init__(self, output_dir: str, config: dict[str, Any], wandb_cfg: Any, total_steps: int, progress: bool,
-                 resume_step: int | None = None, wandb_id: str | None = None):
+                 resume_step: int | None = None, wandb_id: str | None = None, desc: str = "grpo"):
         """`resume_step`: a resumed run continues its logs (restored to the checkpoint) from this
         step, and its W&B run `wandb_id`; a fresh run replaces them, never mixes."""
         self.dir = Path(output_dir)
@@ -63,7 +63,7 @@ class RunLogger:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="grpo", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc=desc, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
         """Write one record; `advance` moves the progress bar (False for the final evaluation)."""

@@ -183,3 +183,50 @@ def convert_smollm2(out: Path) -> None:
     model.generation_config = loaded.generation_config
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+
+
+def student_layers(total: int, keep: int) -> list[int]:
+    """`keep` evenly spaced layer indices of `total`, the first and the last included."""
+    if keep == 1:
+        return [0]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
+
+
+def build_student(source: str, out: Path, layers: int) -> str:
+    """A student of `layers` decoder layers: `source`'s config and tokenizer, its embeddings, head and
+    final norm, and evenly spaced layers of it (DistilBERT's initialisation from its teacher).
+    Written to `out` (replaced when present); returns `out` as a string."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from orchestration.config import ConfigError
+
+    src = resolve_model_path(source)
+    config = AutoConfig.from_pretrained(src)
+    total = config.num_hidden_layers
+    if not 1 <= layers < total:
+        raise ConfigError(f"distill.student_layers must be in [1, {total}) for {source} ({total} layers), got {layers}")
+    keep = student_layers(total, layers)
+    teacher = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        head, found, rest = name.partition(".layers.")
+        if not found:
+            state[name] = tensor
+            continue
+        index, _, tail = rest.partition(".")
+        if int(index) in keep:
+            state[f"{head}.layers.{keep.index(int(index))}.{tail}"] = tensor
+    student.load_state_dict(state)
+    student.generation_config = teacher.generation_config
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return str(out)

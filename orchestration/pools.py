@@ -375,10 +375,12 @@ class RolloutPool:
 
 
 class RewardPool:
-    def __init__(self, options: list[dict[str, Any]], functions: dict[str, float], timeout_s: float):
-        """One Scorer actor per entry of `options` (its placement, reused by its replacements)."""
+    def __init__(self, options: list[dict[str, Any]], functions: dict[str, float], timeout_s: float,
+                 settings: dict[str, dict] | None = None):
+        """One Scorer actor per entry of `options` (its placement, reused by its replacements);
+        `settings`: see `Scorer`."""
         self.remote = ray.remote(Scorer)
-        self.functions, self.timeout_s = dict(functions), timeout_s
+        self.functions, self.timeout_s, self.settings = dict(functions), timeout_s, settings
         self.options = list(options)
         self.actors = [self._start(opt) for opt in self.options]  # actor i runs on options[i]
         self.turn = 0
@@ -387,7 +389,7 @@ class RewardPool:
         self.lock = threading.Lock()
 
     def _start(self, options: dict[str, Any]):
-        return self.remote.options(**options).remote(dict(self.functions), self.timeout_s)
+        return self.remote.options(**options).remote(dict(self.functions), self.timeout_s, self.settings)
 
     def score(self, groups: list[Group], problems: dict[str, Problem]) -> list[list[Score]]:
         """Scores [P][G] for the groups, spreading whole groups over the reward actors."""

@@ -9,7 +9,8 @@ from typing import Any
 PANELS = [
     ("reward", ["reward/mean", "reward/accuracy"]),
     ("held-out accuracy", ["eval/accuracy", "eval/pass@"]),  # a trailing "@" matches any k
-    ("response length", ["rollout/response_length_mean"]),
+    ("response length (tokens)", ["reasoning/length_mean", "reasoning/length_p50", "reasoning/length_p90"]),
+    ("reflection", ["reasoning/reflection_rate", "reasoning/answer_only_in_think", "reasoning/ngram_repetition"]),
     ("KL / clip fraction", ["learner/kl_ref", "learner/approx_kl", "learner/clip_frac_low", "learner/clip_frac_high"]),
     ("step time (s)", ["time/generate", "time/reward", "time/learner", "time/sync", "time/other"]),
 ]
@@ -19,14 +20,18 @@ def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+SFT_PANELS = [("loss", ["sft/train_loss", "sft/val_loss"]), ("gradient", ["learner/grad_norm"]),
+              ("learning rate", ["learner/lr"])]
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, list[str]]] = PANELS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for ax, (title, keys) in zip(axes, PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for ax, (title, keys) in zip(axes, panels):
         for key in _matching(rows, keys):
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
@@ -54,11 +59,17 @@ def before_after(before: dict[str, float], after: dict[str, float]) -> list[tupl
 def write_report(run_dir: Path, cfg: dict[str, Any], table, samples_before, samples_after, wall_s: float) -> Path:
     lines = [f"# raygrpo run: {cfg.get('experiment')}", "",
              f"Model `{cfg['model']['path']}`, {cfg['steps']} steps, {cfg['rollout']['prompts_per_step']} prompts "
-             f"× {cfg['rollout']['group_size']} samples per step, wall time {wall_s / 60:.1f} min.", "",
-             "## Held-out evaluation (test split, disjoint from training)", "",
-             "| metric | before | after | change |", "|---|---|---|---|"]
-    lines += [f"| {k} | {b:.3f} | {a:.3f} | {a - b:+.3f} |" for k, b, a in table]
-    lines += ["", "![curves](curves.png)", "", "## Sample greedy replies (same held-out prompts)", ""]
+             f"× {cfg['rollout']['group_size']} samples per step, wall time {wall_s / 60:.1f} min.", ""]
+    if table:
+        lines += ["## Held-out evaluation (test split, disjoint from training)", "",
+                  "| metric | before | after | change |", "|---|---|---|---|"]
+        lines += [f"| {k} | {b:.3f} | {a:.3f} | {a - b:+.3f} |" for k, b, a in table]
+        lines += [""]
+    lines += ["![curves](curves.png)  ", "Reward, held-out accuracy, response length (mean, p50, p90), reflection "
+              "(share of replies with a reflection marker; answers only inside the think block; 4-gram "
+              "repetition), KL and clipping, step time, by step.", ""]
+    if samples_after:
+        lines += ["## Sample greedy replies (same held-out prompts)", ""]
     for before, after in zip(samples_before, samples_after):
         lines += [f"**{before['prompt']}** (answer {before['answer']})", "",
                   f"- before ({'✓' if before['correct'] else '✗'}): `{_one_line(before['reply'])}`",

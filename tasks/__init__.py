@@ -11,7 +11,7 @@ def make_task(cfg: Any) -> Task:
     """The run's task: `data.*` files when any are given (an eval stage loads only val_files),
     else the arithmetic generator (`task.*`). Raises DataError (a ConfigError) for unusable data."""
     d = cfg.data
-    train_files = list(d.train_files) if cfg.stage == "train" else []
+    train_files = list(d.train_files) if cfg.stage in ("train", "rejection_sampling") else []
     if train_files or d.val_files:
         from tasks.files import FileTask
 

@@ -156,4 +156,5 @@ class ArithmeticTask:
         for op, value in zip(ops, operands[1:]):
             expression += f" {op} {value}"
         prompt = f"What is {expression}? {self.instruction}".rstrip()
-        return Problem(id=problem_id, prompt=prompt, answer=str(evaluate(operands, ops)))
+        return Problem(id=problem_id, prompt=prompt, answer=str(evaluate(operands, ops)),
+                       metadata={"operands": operands, "ops": ops})

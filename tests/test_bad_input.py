@@ -202,11 +202,14 @@ def _model_dir(d: Path) -> Path:
 
 
 CLI_CASES = {  # name: (overrides given the test's directory, what the one line says)
-    "preset": (lambda d: ["experiment=nope"], "unknown experiment preset 'nope' (known: demo, smoke)"),
+    "preset": (lambda d: ["experiment=nope"], "unknown experiment preset 'nope' (known: demo, r1_cpu, r1_smoke, smoke)"),
     "output_dir": (lambda d: [f"output_dir={_write(d / 'file', 'x')}/out"], "cannot be written: Not a directory"),
     "model": (lambda d: [f"model.path={_model_dir(d)}"], "config.json has no model_type"),
     "ray_address": (lambda d: [f"ray.address=127.0.0.1:{_closed_port()}"], "cannot reach the Ray cluster at 127.0.0.1:"),
     "data": (lambda d: ["data.train_files=[/nope.jsonl]"], "data file not found: /nope.jsonl"),
+    "sft_data": (lambda d: ["stage=sft", "sft.train_files=[/nope.jsonl]"], "data file not found: /nope.jsonl"),
+    "pipeline": (lambda d: ["experiment=r1_smoke", "pipeline.stages=[{name: a, stage: sft, set: {learner.lr: 0}}]"],
+                 "pipeline stage 'a': learner.lr must be > 0"),
 }
 
 

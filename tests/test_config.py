@@ -44,6 +44,10 @@ def _assert_contains(expected, actual, where: str) -> None:
                 continue
             assert key in actual, f"{where}.{key} missing"
             _assert_contains(value, actual[key], f"{where}.{key}")
+    elif isinstance(expected, list) and any(isinstance(v, dict) for v in expected):  # e.g. pipeline stages
+        assert isinstance(actual, list) and len(actual) == len(expected), where
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            _assert_contains(e, a, f"{where}[{i}]")
     else:
         assert actual == expected, f"{where}: composed {actual!r}, YAML says {expected!r}"
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from actors.rewards.code import code_tests
 from actors.rewards.math import accuracy, accuracy_strict, digits, format_reward, single_number
-from actors.rewards.reasoning import language_consistency, think_format
+from actors.rewards.reasoning import language_consistency, make_language_consistency, make_think_format, think_format
 
 RewardFn = Callable[..., float]
 CONTEXT = ("prompt", "metadata")  # keyword arguments a reward function may ask for
@@ -35,6 +35,13 @@ REWARDS: dict[str, RewardFn] = {
     "code_tests": code_tests,
     "think_format": think_format,
     "language_consistency": language_consistency,
+}
+
+
+# Built-ins that take settings (`reasoning.*`: think tags, target script) are made by a factory.
+FACTORIES: dict[str, Callable[..., RewardFn]] = {
+    "think_format": make_think_format,
+    "language_consistency": make_language_consistency,
 }
 
 
@@ -69,13 +76,19 @@ class UnknownRewardError(ValueError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def resolve(name: str) -> RewardFn:
-    """The reward function for a registry name or an import path (``pkg.mod.fn`` or ``pkg.mod:fn``).
+def resolve(name: str, settings: dict | None = None) -> RewardFn:
+    """The reward function for a registry name or an import path (``pkg.mod.fn`` or ``pkg.mod:fn``);
+    ``settings`` configure a built-in made by a factory (:data:`FACTORIES`), e.g. its think tags.
 
     Raises:
         UnknownRewardError: the name is unknown, the module does not import,
             or the attribute is missing or not callable.
     """
+    if settings and name in FACTORIES:
+        try:
+            return FACTORIES[name](**settings)
+        except (TypeError, ValueError) as e:
+            raise UnknownRewardError(f"reward {name!r} with settings {settings}: {e}") from e
     if name in REWARDS:
         return REWARDS[name]
     known = ", ".join(sorted(REWARDS))
@@ -96,4 +109,4 @@ def resolve(name: str) -> RewardFn:
     return fn
 
 
-__all__ = ["REWARDS", "RewardFn", "UnknownRewardError", "batched", "context_kwargs", "is_batched", "resolve"]
+__all__ = ["FACTORIES", "REWARDS", "RewardFn", "UnknownRewardError", "batched", "context_kwargs", "is_batched", "resolve"]
