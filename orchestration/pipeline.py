@@ -99,41 +99,54 @@ def _validate(name: str, cfg: DictConfig, base: DictConfig) -> None:
 
 
 def run(base: DictConfig) -> list[dict[str, Any]]:
-    """Run every unfinished stage (Ray started once); write and print the evaluation table."""
+    """Run every unfinished stage (Ray started once, and only when one is left); write and print
+    the evaluation table."""
     import ray
 
-    from orchestration import cluster, stages
+    from orchestration import cluster
 
     configs = stage_configs(base)
+    n = len(configs)
     if base.dry_run:  # the plan: each stage, what it starts from, where it writes
         for i, (name, cfg) in enumerate(configs, 1):
-            state = "finished" if (Path(cfg.output_dir) / "DONE.json").is_file() else "to run"
-            print(f"[{i}/{len(configs)}] {name:<16} {cfg.stage:<18} {cfg.model.path} -> {cfg.output_dir} ({state})")
+            state = "finished" if _done(cfg).is_file() else "to run"
+            print(f"[{i}/{n}] {name:<16} {cfg.stage:<18} {cfg.model.path} -> {cfg.output_dir} ({state})")
         return []
-    out = Path(base.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cluster.start_ray(base)
-    try:
-        for i, (name, cfg) in enumerate(configs, 1):
-            done = Path(cfg.output_dir) / "DONE.json"
-            if done.is_file():
-                print(f"pipeline [{i}/{len(configs)}] {name}: finished earlier ({done}); skipped", flush=True)
-                continue
-            print(f"pipeline [{i}/{len(configs)}] {name} ({cfg.stage}) -> {cfg.output_dir}", flush=True)
-            start = time.time()
-            try:
-                outcome = stages.run(cfg, stages.prepare(cfg))
-            except ConfigError as err:
-                raise ConfigError(f"pipeline stage {name!r}: {err}") from None
-            record = {"stage": cfg.stage, "policy": _str(outcome.policy), "data": _str(outcome.data),
-                      "metrics": outcome.metrics, "wall_s": time.time() - start,
-                      "config": OmegaConf.to_container(cfg, resolve=True)}
-            done.write_text(json.dumps(record, indent=1, default=str))
-    finally:
-        ray.shutdown()
+    Path(base.output_dir).mkdir(parents=True, exist_ok=True)
+    for i, (name, cfg) in enumerate(configs, 1):
+        if _done(cfg).is_file():
+            print(f"pipeline [{i}/{n}] {name}: finished earlier ({_done(cfg)}); skipped", flush=True)
+    left = [(i, name, cfg) for i, (name, cfg) in enumerate(configs, 1) if not _done(cfg).is_file()]
+    if left:
+        cluster.start_ray(base)
+        try:
+            for i, name, cfg in left:
+                print(f"pipeline [{i}/{n}] {name} ({cfg.stage}) -> {cfg.output_dir}", flush=True)
+                run_stage(name, cfg)
+        finally:
+            ray.shutdown()
     rows = summary(configs)
-    write_report(out, base, rows)
+    write_report(Path(base.output_dir), base, rows)
     return rows
+
+
+def _done(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / "DONE.json"
+
+
+def run_stage(name: str, cfg: DictConfig) -> None:
+    """One stage (Ray is up); `DONE.json` records its settings, outputs and wall time."""
+    from orchestration import stages
+
+    start = time.time()
+    try:
+        outcome = stages.run(cfg, stages.prepare(cfg))
+    except ConfigError as err:
+        raise ConfigError(f"pipeline stage {name!r}: {err}") from None
+    record = {"stage": cfg.stage, "policy": _str(outcome.policy), "data": _str(outcome.data),
+              "metrics": outcome.metrics, "wall_s": time.time() - start,
+              "config": OmegaConf.to_container(cfg, resolve=True)}
+    _done(cfg).write_text(json.dumps(record, indent=1, default=str))
 
 
 def _str(path: Path | None) -> str | None:

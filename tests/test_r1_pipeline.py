@@ -103,5 +103,6 @@ def test_a_second_start_skips_every_finished_stage(r1_run, cache_dir):
     res = raygrpo(out, cache_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("finished earlier") == len(STAGES)
+    assert "role     index" not in res.stdout  # nothing placed: nothing left to run, no Ray started
     assert {name: (out / name / "DONE.json").stat().st_mtime_ns for name in STAGES} == before
     assert "| distill |" in (out / "report.md").read_text()
