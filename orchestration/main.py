@@ -1,4 +1,5 @@
-"""`raygrpo` entry point (Hydra): validate, place, start actors, train, report.
+"""`raygrpo` entry point (Hydra): validate, read the data, start Ray, run the stage (`stages.py`:
+train, eval, sft, distill, rejection_sampling) or the stages of a pipeline (`pipeline.py`).
 
 User errors (bad config, missing model, a topology the cluster cannot hold, an unknown preset,
 Hydra's own composition errors) print one line and exit with status 2 (`USER_ERROR`) before any
