@@ -87,7 +87,6 @@ class Placement:
                   for role in self.options}
         path.write_text(json.dumps(record, indent=1))
 
-
     def release(self) -> None:
         """Remove the placement groups (Ray stops the actors still in them): the next stage of a
         pipeline places its own."""

@@ -1,7 +1,7 @@
 """Configuration of the DeepSeek-R1 recipe's stages (`stage=sft|distill|rejection_sampling|pipeline`)
 and of the reasoning metrics: fields, defaults and meaning, defined once here (part of `Config`).
 
-Standard library and omegaconf only, like `orchestration.config`.
+Standard library and omegaconf only (and the pure reasoning metrics, whose markers are the default).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+from orchestration.reasoning_metrics import REFLECTION_MARKERS
 
 STAGES = ("train", "eval", "sft", "distill", "rejection_sampling", "pipeline")
 STAGE_REF = "stage:"  # a pipeline setting `stage:<name>` is that stage's output (policy dir or data file)
@@ -102,8 +104,7 @@ class ReasoningConfig:
     """Closing tag of the reasoning block."""
     language: str = "latin"
     """Target script of `language_consistency`: latin, cyrillic, greek or cjk."""
-    reflection_markers: list[str] = field(default_factory=lambda: [
-        "wait", "verify", "check again", "mistake", "let me check", "double-check", "re-check"])
+    reflection_markers: list[str] = field(default_factory=lambda: list(REFLECTION_MARKERS))
     """Phrases counted as reflection (`reasoning/reflection_rate`), case-insensitive, whole words."""
 
 
