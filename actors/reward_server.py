@@ -1,40 +1,87 @@
 """Child process that runs reward functions for :class:`actors.scoring.Scorer`.
 
 Started as ``python -m actors.reward_server``.  It talks over stdin/stdout in
-length-prefixed pickles (an 8-byte big-endian length, then the pickle):
+length-prefixed UTF-8 JSON (an 8-byte big-endian length, then the JSON text;
+at most ``MAX_MESSAGE_BYTES``).  JSON, not pickle: the reply pipe may be
+written by code the child runs (a hostile completion in the code sandbox),
+and reading a reply must never run anything.  Messages are JSON arrays:
 
-1. The parent sends the list of ``(name, settings)`` of the reward functions
-   (settings: None, or a factory's keyword arguments).  The child resolves
+1. The parent sends ``[[name, settings], ...]`` for the reward functions
+   (settings: null, or a factory's keyword arguments).  The child resolves
    them itself (so functions never need to be picklable) and answers
-   ``("ready", None)`` or ``("error", message)``.
-2. Then requests, each answered by ``("ok", result)`` or ``("error", message)``
-   when a function raised (the child keeps serving after an error):
-   - ``("sample", completion, answer, prompt, metadata)``: every per-sample
-     function on one completion; result ``{name: value}``;
-   - ``("group", completions, answer, prompt, metadata)``: every batched
+   ``["ready", null]`` or ``["error", message]``.
+2. Then requests, each answered by ``["ok", result, id]`` or
+   ``["error", message, id]`` when a function raised (the child keeps serving
+   after an error); ``id`` is the request's, echoed so that a reply forged by
+   someone who does not know it is refused:
+   - ``["sample", id, completion, answer, prompt, metadata]``: every
+     per-sample function on one completion; result ``{name: value}``;
+   - ``["group", id, completions, answer, prompt, metadata]``: every batched
      function on a whole group; result ``[{name: value}, ...]``, one per completion.
-   ``prompt`` and ``metadata`` reach only functions that ask for them.
+   ``prompt`` (a string, or chat messages: a tuple of dicts again in the child)
+   and ``metadata`` reach only functions that ask for them.  Values JSON cannot
+   hold arrive converted (:func:`plain`: arrays as lists, datetimes as ISO text,
+   anything else as ``str``).
 
-Functions run in the child's main thread, one sample at a time.  The child
-has no deadline of its own: the parent kills it when a reply is late.  It
-exits when its stdin closes.
+The parent checks every reply strictly (see :mod:`actors.scoring`); the child
+trusts its requests, which come from the parent.  Functions run in the child's
+main thread, one sample at a time.  The child has no deadline of its own: the
+parent kills it when a reply is late.  It exits when its stdin closes.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import struct
 import sys
 from typing import Any, BinaryIO
 
 HEADER = struct.Struct("!Q")
+MAX_MESSAGE_BYTES = 64 << 20  # a longer message means a broken (or hostile) peer
+
+
+class ProtocolError(ValueError):
+    """A message that is too long or not UTF-8 JSON."""
+
+
+def plain(value: Any) -> Any:
+    """``json.dumps``' fallback for what JSON cannot hold: numpy and torch values as (lists of)
+    numbers, dates and times as ISO text, sets as lists, anything else as its ``str``."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    return str(value)
 
 
 def pack(message: Any) -> bytes:
-    """A message framed for the pipe: length header plus pickle."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    """A message framed for the pipe: length header plus JSON; ProtocolError when over the cap."""
+    try:
+        payload = json.dumps(message, default=plain, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as e:  # e.g. a dict key JSON cannot hold
+        raise ProtocolError(f"message not encodable as JSON: {e}") from e
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(payload)} bytes over the {MAX_MESSAGE_BYTES} byte cap")
     return HEADER.pack(len(payload)) + payload
+
+
+def unpack(payload: bytes) -> Any:
+    """The message in one payload; ProtocolError when it is not UTF-8 JSON."""
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"not UTF-8 JSON: {e}") from e
+
+
+def message_size(header: bytes) -> int:
+    """The payload length a header announces; ProtocolError when over the cap."""
+    (size,) = HEADER.unpack(header)
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {size} bytes announced, over the {MAX_MESSAGE_BYTES} byte cap")
+    return size
 
 
 def read_message(stream: BinaryIO) -> Any:
@@ -42,11 +89,11 @@ def read_message(stream: BinaryIO) -> Any:
     header = stream.read(HEADER.size)
     if len(header) < HEADER.size:
         raise EOFError("stream closed")
-    (size,) = HEADER.unpack(header)
+    size = message_size(header)
     payload = stream.read(size)
     if len(payload) < size:
         raise EOFError("stream closed mid-message")
-    return pickle.loads(payload)
+    return unpack(payload)
 
 
 def write_message(stream: BinaryIO, message: Any) -> None:
@@ -70,10 +117,12 @@ def _private_pipes() -> tuple[BinaryIO, BinaryIO]:
     return requests, replies
 
 
-def _score(functions: dict, request: tuple) -> tuple[str, Any]:
+def _score(functions: dict, request: list) -> tuple[str, Any]:
     """Run the request's functions: ``("ok", parts)`` or ``("error", text)``."""
-    kind, first, answer, prompt, metadata = request
+    kind, _, first, answer, prompt, metadata = request
     group = kind == "group"
+    if isinstance(prompt, list):  # chat messages travel as a JSON array; functions get them as before
+        prompt = tuple(prompt)
     context = {"prompt": prompt, "metadata": metadata}
     parts: list[dict[str, float]] = [{} for _ in first] if group else [{}]
     for name, (fn, batched, wants) in functions.items():
@@ -101,15 +150,15 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
             fn = resolve(name, settings)
             functions[name] = (fn, is_batched(fn), context_kwargs(fn))
     except Exception as e:
-        write_message(replies, ("error", f"{type(e).__name__}: {e}"))
+        write_message(replies, ["error", f"{type(e).__name__}: {e}"])
         return
-    write_message(replies, ("ready", None))
+    write_message(replies, ["ready", None])
     while True:
         try:
             request = read_message(requests)
         except EOFError:
             return
-        write_message(replies, _score(functions, request))
+        write_message(replies, [*_score(functions, request), request[1]])
 
 
 def main() -> None:

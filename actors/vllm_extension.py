@@ -23,8 +23,9 @@ class WeightSyncExtension:
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
                           generation: int, timeout_s: float, manifest: list[tuple[str, tuple[int, ...]]],
-                          dtype: str, bucket_bytes: int) -> int:
-        """Join generation `generation` of the broadcast group as rank `rank_offset + self.rank`."""
+                          dtype: str, bucket_bytes: int, secret: str) -> int:
+        """Join generation `generation` of the broadcast group as rank `rank_offset + self.rank`,
+        proving the group's `secret` (from the driver, through Ray) to its root."""
         old = getattr(self, "_weight_transport", None)
         if old is not None:
             old.close()
@@ -33,7 +34,8 @@ class WeightSyncExtension:
         element_size = torch.empty((), dtype=self._wire_dtype).element_size()
         self._buckets = plan_buckets(specs, bucket_bytes, element_size)
         rank = rank_offset + self.rank
-        self._weight_transport = make_transport(backend, host, port, rank, world_size, generation, timeout_s)
+        self._weight_transport = make_transport(backend, host, port, rank, world_size, generation, timeout_s,
+                                                secret=secret)
         return rank
 
     def receive_weights(self) -> list[tuple[int, int]]:

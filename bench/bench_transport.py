@@ -12,12 +12,12 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from learner.weights import BroadcastTransport, checksum
+from learner.weights import BroadcastTransport, checksum, new_secret
 from learner.worker import free_port
 
 
-def receive(rank: int, port: int, world: int, sizes: list[int]) -> None:
-    t = BroadcastTransport("127.0.0.1", port, rank, world, "gloo", 0, 120)
+def receive(rank: int, port: int, world: int, sizes: list[int], secret: str) -> None:
+    t = BroadcastTransport("127.0.0.1", port, rank, world, "gloo", 0, 120, secret=secret)
     for n in sizes:
         buf = torch.empty(n)
         t.recv(buf)
@@ -34,10 +34,11 @@ def main() -> None:
     sizes = [per] * max(1, args.mb // args.bucket_mb)
     port, world = free_port(), args.receivers + 1
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=receive, args=(r, port, world, sizes)) for r in range(1, world)]
+    secret = new_secret()
+    procs = [ctx.Process(target=receive, args=(r, port, world, sizes, secret)) for r in range(1, world)]
     for p in procs:
         p.start()
-    sender = BroadcastTransport("127.0.0.1", port, 0, world, "gloo", 0, 120)
+    sender = BroadcastTransport("127.0.0.1", port, 0, world, "gloo", 0, 120, secret=secret)
     buffers = [torch.randn(n) for n in sizes]
     start = time.perf_counter()
     for buf in buffers:

@@ -42,7 +42,7 @@ def main() -> None:
 
     from actors.rollout import RolloutActor
     from actors.types import Prompt, SamplingSpec
-    from orchestration.cluster import worker_env
+    from orchestration.cluster import start_local_ray, worker_env
     from orchestration.models import resolve_model_path
     from tasks.arithmetic import ArithmeticTask
 
@@ -52,7 +52,7 @@ def main() -> None:
     spec = SamplingSpec(n=N, temperature=TEMPERATURE, max_tokens=MAX_TOKENS)
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
+    start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     try:
         actor = ray.remote(RolloutActor).options(num_cpus=2).remote(  # num_cpus: the demo's rollout_cpus
             model, dtype="float32", seed=0, max_model_len=MAX_MODEL_LEN, max_prompt_tokens=128, kv_cache_gb=1)

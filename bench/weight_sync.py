@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from learner.weights import TensorSpec, make_transport, plan_buckets  # noqa: E402
+from learner.weights import TensorSpec, make_transport, new_secret, plan_buckets  # noqa: E402
 
 
 class Peer:
@@ -36,10 +36,11 @@ class Peer:
 
         return f"{ray.util.get_node_ip_address()}:{free_port()}"
 
-    def join(self, host: str, port: int, rank: int, world_size: int, backend: str, generation: int) -> int:
+    def join(self, host: str, port: int, rank: int, world_size: int, backend: str, generation: int,
+             secret: str) -> int:
         if getattr(self, "transport", None) is not None:
             self.transport.close()
-        self.transport = make_transport(backend, host, port, rank, world_size, generation, 300.0)
+        self.transport = make_transport(backend, host, port, rank, world_size, generation, 300.0, secret=secret)
         self.rank = rank
         return rank
 
@@ -77,14 +78,14 @@ def main() -> None:
     from actors.rollout import RolloutActor  # noqa: F401  (importable before Ray starts)
     from learner.group import LearnerGroup
     from learner.objectives import GRPOObjective
-    from orchestration.cluster import worker_env
+    from orchestration.cluster import start_local_ray, worker_env
     from orchestration.models import resolve_model_path
     from orchestration.pools import RolloutPool
     from orchestration.weight_sync import WeightSync
 
     os.environ.pop("RAY_ADDRESS", None)
     model = resolve_model_path(args.model)  # build the built-in once, before the actors race for it
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
+    start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     try:
         rollout = RolloutPool.start([{"num_cpus": 2}] * args.engines, model, 600.0, gpu=False, dtype="float32",
                                     max_model_len=512, kv_cache_gb=1)
@@ -107,7 +108,8 @@ def main() -> None:
             sync_s = timed(push, args.reps)
             sizes = [sum(s.numel for s in b) for b in plan_buckets(specs, mb << 20, 4)]
             host, port = ray.get(peers[0].address.remote()).rsplit(":", 1)
-            ray.get([p.join.remote(host, int(port), r, len(peers), args.backend, generation)
+            secret = new_secret()
+            ray.get([p.join.remote(host, int(port), r, len(peers), args.backend, generation, secret)
                      for r, p in enumerate(peers)])
             generation += 1
             ray.get([p.prepare.remote(sizes) for p in peers])

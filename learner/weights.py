@@ -12,16 +12,28 @@ processes (an engine and a learner rank on one device) use `SharedTransport` ins
 send/recv of flat buffers through shared memory (CUDA IPC on GPU), with the TCPStore as mailbox. A group is
 named by a generation, so it can be rebuilt with a different membership (an actor replaced,
 added or removed) without touching the learner's own world.
+
+The store listens only on the address the group uses, and it is open to anyone who reaches that
+port: any client can list, read, overwrite and delete its keys. So every member proves the
+group's secret (handed out by the driver through Ray) before the group forms, and every value the
+group reads back is signed with it (`SignedStore`): a forged value is refused, never handed to
+gloo, NCCL or a receiver, and nothing read from the store is unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import secrets
+import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,173 @@ def checksums_match(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
     return [tuple(x) for x in a] == [tuple(x) for x in b]
 
 
+# --------------------------------------------------------------------------- rendezvous
+
+
+def new_secret() -> str:
+    """A fresh group secret: the driver makes one per group generation and hands it to the members
+    only through Ray calls. Never log it."""
+    return secrets.token_hex(32)
+
+
+def _mac(secret: str, *parts: str | bytes) -> bytes:
+    """HMAC-SHA256 under `secret` of the parts, each length-prefixed (so no two part lists collide)."""
+    mac = hmac.new(secret.encode(), digestmod=hashlib.sha256)
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else bytes(part)
+        mac.update(len(data).to_bytes(8, "big") + data)
+    return mac.digest()
+
+
+class SignedStore(dist.Store):
+    """A namespaced view of the group's TCPStore whose values carry an HMAC of (key, value) under
+    the group's secret. A client without the secret can still list, overwrite or delete keys (a
+    denial of service: the sync fails and is reported), but what it writes never verifies: `get`
+    refuses it. gloo and NCCL rendezvous through this view, so their peer addresses and NCCL's
+    unique id are authenticated too; counters (`add`) are not signed."""
+
+    TAG = 32  # bytes of HMAC-SHA256 in front of every value
+
+    def __init__(self, store: dist.Store, name: str, secret: str):
+        super().__init__()
+        # keys live under a name derived from the secret: no collision with another run's keys
+        # (not hidden: any client can list the keys)
+        self._store, self._secret = store, secret
+        self._prefix = f"{name}-{_mac(secret, 'namespace', name).hex()[:16]}/"
+
+    def _tag(self, key: str, value: bytes) -> bytes:
+        return _mac(self._secret, "value", self._prefix + key, value)
+
+    def _signed(self, key: str, value: str | bytes) -> bytes:
+        value = value.encode() if isinstance(value, str) else bytes(value)
+        return self._tag(key, value) + value
+
+    def set(self, key: str, value: str | bytes) -> None:
+        self._store.set(self._prefix + key, self._signed(key, value))
+
+    def get(self, key: str) -> bytes:
+        raw = self._store.get(self._prefix + key)
+        tag, value = raw[:self.TAG], raw[self.TAG:]
+        if not hmac.compare_digest(tag, self._tag(key, value)):
+            raise PermissionError(f"store value {key!r} is not signed with this group's secret: refused "
+                                  "(another client of the store wrote it)")
+        return value
+
+    def compare_set(self, key: str, expected: str | bytes, desired: str | bytes) -> bytes:
+        expected = self._signed(key, expected) if expected else b""  # empty: the key must be absent
+        self._store.compare_set(self._prefix + key, expected, self._signed(key, desired))
+        return self.get(key)
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        keys = [self._prefix + k for k in keys]
+        self._store.wait(keys) if timeout is None else self._store.wait(keys, timeout)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._store.check([self._prefix + k for k in keys])
+
+    def add(self, key: str, amount: int) -> int:
+        return self._store.add(self._prefix + key, amount)
+
+    def delete_key(self, key: str) -> bool:
+        return self._store.delete_key(self._prefix + key)
+
+    def num_keys(self) -> int:
+        return self._store.num_keys()
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        self._store.set_timeout(timeout)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket listening on `host`:`port` only. TCPStore's own server binds every interface (::),
+    whatever host it is given; it serves a socket we bound ourselves instead (`master_listen_fd`)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(128)
+    return sock
+
+
+def _local_address(peer: str) -> str:
+    """This host's address on the route to `peer` (a UDP connect sends nothing, it only routes)."""
+    family, _, _, _, address = socket.getaddrinfo(peer, 9, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        return sock.getsockname()[0]
+
+
+def join_store(host: str, port: int, rank: int, world_size: int, name: str, secret: str,
+               timeout: timedelta) -> tuple[dist.TCPStore, SignedStore]:
+    """Host (rank 0) or join the group's store and admit the members: (raw store, signed view).
+
+    Rank 0 writes a fresh nonce; every member answers HMAC(secret, nonce, rank); rank 0 checks all
+    the answers, then signs a verdict that the members check in turn (so they also know that the
+    root holds the secret; a member with a wrong secret still reads why it was refused). A missing
+    or wrong answer fails every member's join with an error naming the rank, before any process
+    group forms. The secret itself never crosses the store."""
+    if rank == 0:
+        sock = _listen(host, port)
+        store = dist.TCPStore(host, port, None, True, timeout, wait_for_workers=False,
+                              master_listen_fd=sock.fileno(), use_libuv=True)
+        sock.detach()  # the store owns the descriptor now and closes it
+    else:
+        store = dist.TCPStore(host, port, None, False, timeout)
+    signed = SignedStore(store, f"raygrpo-{name}", secret)
+    hello = f"raygrpo-join-{name}/"  # outside the signed view: a member with a wrong secret reads the verdict too
+    if rank == 0:
+        nonce = secrets.token_hex(16)
+        store.set(hello + "nonce", nonce)
+        try:
+            _check_proofs(store, name, nonce, world_size, secret, timeout)
+        except (TimeoutError, PermissionError) as err:
+            store.set(hello + "verdict", _verdict(secret, name, nonce, str(err)))  # the members fail at once too
+            raise
+        store.set(hello + "verdict", _verdict(secret, name, nonce, "admitted"))
+        return store, signed
+    try:
+        store.wait([hello + "nonce"], timeout)
+        nonce = store.get(hello + "nonce").decode()
+        store.set(hello + f"proof/{rank}", _proof(secret, name, nonce, rank))
+        store.wait([hello + "verdict"], timeout)
+    except Exception as err:  # noqa: BLE001 - a store timeout: say who waited for what
+        raise TimeoutError(f"weight group {name}: rank {rank} timed out joining ({err})") from err
+    raw = store.get(hello + "verdict")
+    text = raw[SignedStore.TAG:].decode(errors="replace")
+    if not hmac.compare_digest(raw, _verdict(secret, name, nonce, text)):
+        raise PermissionError(f"weight group {name}: rank {rank} refused: the root's verdict ({text[:300]}) is not "
+                              "signed with this member's secret (a wrong secret, or a store not hosted by the root)")
+    if text != "admitted":
+        raise PermissionError(f"weight group {name}: rank {rank} not admitted: {text}")
+    return store, signed
+
+
+def _verdict(secret: str, name: str, nonce: str, text: str) -> bytes:
+    """The root's signed answer to this join: "admitted" or why not."""
+    return _mac(secret, "verdict", name, nonce, text) + text.encode()
+
+
+def _proof(secret: str, name: str, nonce: str, rank: int) -> bytes:
+    """Member `rank`'s answer to the root's nonce (hex)."""
+    return _mac(secret, "proof", name, nonce, str(rank)).hex().encode()
+
+
+def _check_proofs(store: dist.TCPStore, name: str, nonce: str, world_size: int, secret: str,
+                  timeout: timedelta) -> None:
+    """Rank 0: every member answered the nonce with the right proof within `timeout`, else raise
+    (TimeoutError / PermissionError) naming the ranks."""
+    keys = {r: f"raygrpo-join-{name}/proof/{r}" for r in range(1, world_size)}
+    try:
+        store.wait(list(keys.values()), timeout)
+    except Exception as err:  # noqa: BLE001 - a store timeout: name the ranks that never answered
+        missing = ", ".join(str(r) for r, key in keys.items() if not store.check([key]))
+        raise TimeoutError(f"weight group {name}: timed out after {timeout.total_seconds():g} s waiting for "
+                           f"rank(s) {missing} to join and prove the group's secret") from err
+    for r, key in keys.items():
+        if not hmac.compare_digest(store.get(key), _proof(secret, name, nonce, r)):
+            raise PermissionError(f"weight group {name}: rank {r} gave a wrong proof of the group's secret: refused")
+
+
 NCCL_GRACE_S = 30.0  # NCCL's collective timeout is the driver's deadline plus this
 
 
@@ -134,12 +313,10 @@ class BroadcastTransport(WeightTransport):
     """
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str,
-                 generation: int = 0, timeout_s: float = 300.0):
-        import torch.distributed as dist
-
+                 generation: int = 0, timeout_s: float = 300.0, *, secret: str):
         timeout = timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
-        store = dist.PrefixStore(f"raygrpo-weights-{generation}", self.store)
+        self.store, store = join_store(host, port, rank, world_size, f"weights-{generation}", secret, timeout)
+        self.signed = store  # the process group holds it; kept alive with the transport
         if backend == "nccl":
             # GPU-only path. NCCL's own deadline sits past the driver's (`timeout_s`), so the driver
             # reports a lost peer first (WeightSyncError); NCCL's watchdog then aborts the stuck
@@ -149,14 +326,17 @@ class BroadcastTransport(WeightTransport):
             opts._timeout = timeout + timedelta(seconds=NCCL_GRACE_S)
             self.group = dist.ProcessGroupNCCL(store, rank, world_size, opts)
         elif backend == "gloo":
-            self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout=timeout)
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            # gloo's own listeners on this rank's address towards the root (by default it binds to
+            # whatever the hostname resolves to), like the store
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_local_address(host) if rank else host)]
+            self.group = dist.ProcessGroupGloo(store, rank, world_size, opts)
         else:
             raise ValueError(f"unknown broadcast backend {backend!r}")
         self.rank, self.backend = rank, backend
 
     def _broadcast(self, buf: torch.Tensor) -> None:
-        import torch.distributed as dist
-
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         self.group.broadcast([buf], opts).wait()
@@ -174,47 +354,44 @@ class BroadcastTransport(WeightTransport):
         if self.backend == "nccl" and self.group is not None:
             self.group.abort()
         self.group = None
-        self.store = None
+        self.store = self.signed = None
 
 
 class SharedTransport(WeightTransport):
     """Between processes on one device (colocated engine and learner): no collective library.
 
-    The sender shares each buffer through torch's own tensor pickling — a CUDA IPC handle on GPU,
-    a shared-memory file on CPU — and posts the handle in the group's TCPStore; every receiver
-    copies the buffer out and acknowledges before `send` returns (the sender may then free it).
-    Receivers must see the sender's device: colocated processes on one GPU do."""
+    The sender shares each buffer — a shared-memory file on CPU, a CUDA IPC handle on GPU — and
+    posts where it lives as a small signed JSON record (`_share`) in the group's store; every
+    receiver checks the signature, maps the buffer (`_open`), copies it out and acknowledges (signed
+    too) before `send` returns (the sender may then reuse it). Nothing read from the store is
+    unpickled. Receivers must see the sender's device: colocated processes on one GPU do."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, generation: int = 0,
-                 timeout_s: float = 300.0):
-        import torch.distributed as dist
+                 timeout_s: float = 300.0, *, secret: str):
         import torch.multiprocessing
 
         torch.multiprocessing.set_sharing_strategy("file_system")  # files any local process can open
         self.timeout = timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=self.timeout)
-        self.store = dist.PrefixStore(f"raygrpo-shared-{generation}", store)
-        self._root_store = store  # the master must outlive the prefix view
+        self._root_store, self.store = join_store(host, port, rank, world_size, f"shared-{generation}", secret,
+                                                  self.timeout)  # the raw store hosts the server on rank 0
         self.rank, self.world_size, self.count = rank, world_size, 0
 
     def send(self, buf: torch.Tensor) -> None:
-        from multiprocessing.reduction import ForkingPickler
-
         assert self.rank == 0, "only rank 0 sends"
         shared = buf if buf.is_cuda else buf.share_memory_()
         key, self.count = f"bucket/{self.count}", self.count + 1
-        self.store.set(key, bytes(ForkingPickler.dumps(shared)))
+        self.store.set(key, json.dumps(_share(shared)))
         done = [f"{key}/done/{r}" for r in range(1, self.world_size)]
         self.store.wait(done, self.timeout)
+        for k in done:
+            self.store.get(k)  # a forged acknowledgement raises: the buffer may still be in use
         for k in (key, *done):
             self.store.delete_key(k)
 
     def recv(self, buf: torch.Tensor) -> None:
-        import pickle
-
         key, self.count = f"bucket/{self.count}", self.count + 1
         self.store.wait([key], self.timeout)
-        shared = pickle.loads(self.store.get(key))
+        shared = _open(json.loads(self.store.get(key)), buf)  # `get` checks the signature first
         buf.copy_(shared)
         if buf.is_cuda:
             torch.cuda.current_stream(buf.device).synchronize()
@@ -225,9 +402,51 @@ class SharedTransport(WeightTransport):
         self.store = self._root_store = None
 
 
+def _share(t: torch.Tensor) -> dict:
+    """Where the shared 1-D tensor `t` lives, as plain JSON-able values: its shared-memory file
+    (CPU, file_system strategy) or its CUDA IPC handles, and its dtype, size and storage offset.
+
+    No reference is added for the receivers: the sender keeps `t` alive until every receiver has
+    acknowledged, and each receiver's mapping holds its own reference while it copies."""
+    storage = t.untyped_storage()
+    desc = dict(dtype=str(t.dtype).removeprefix("torch."), numel=t.numel(), offset=t.storage_offset())
+    if t.is_cuda:  # untested here (no GPU on the CI machines): mirrors torch's reduce_tensor for CUDA
+        device, handle, size, offset_bytes, counter, counter_offset, event, sync = storage._share_cuda_()
+        return desc | dict(kind="cuda", device=device, handle=handle.hex(), nbytes=size, offset_bytes=offset_bytes,
+                           counter=counter.hex(), counter_offset=counter_offset,
+                           event=event.hex() if event else None, sync=bool(sync))
+    manager, handle, size = storage._share_filename_cpu_()
+    return desc | dict(kind="cpu", manager=manager.decode(), handle=handle.decode(), nbytes=size)
+
+
+def _open(desc: dict, like: torch.Tensor) -> torch.Tensor:
+    """The sender's tensor that `desc` (from `_share`) describes, mapped into this process: [numel]
+    of `like`'s dtype on `like`'s device. A record that does not fit `like` raises ValueError."""
+    dtype = getattr(torch, str(desc.get("dtype")), None)
+    numel, offset, nbytes = desc.get("numel"), desc.get("offset"), desc.get("nbytes")
+    kind = "cuda" if like.is_cuda else "cpu"
+    if dtype != like.dtype or numel != like.numel() or desc.get("kind") != kind \
+            or not all(isinstance(v, int) and v >= 0 for v in (offset, nbytes)) \
+            or (offset + numel) * like.element_size() > nbytes:
+        raise ValueError(f"shared bucket record does not fit the receiving buffer "
+                         f"({like.numel()} x {like.dtype} on {kind}): {desc}")
+    if kind == "cuda":  # untested here (no GPU on the CI machines): torch's own rebuild, typed arguments only
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        return rebuild_cuda_tensor(torch.Tensor, (numel,), (1,), offset, torch.storage.TypedStorage, dtype,
+                                   int(desc["device"]), bytes.fromhex(desc["handle"]), nbytes,
+                                   int(desc["offset_bytes"]), False, bytes.fromhex(desc["counter"]),
+                                   int(desc["counter_offset"]), desc["event"] and bytes.fromhex(desc["event"]),
+                                   bool(desc["sync"]))
+    storage = torch.UntypedStorage._new_shared_filename_cpu(str(desc["manager"]).encode(),
+                                                           str(desc["handle"]).encode(), nbytes)
+    return torch.empty(0, dtype=dtype).set_(storage, offset, (numel,), (1,))
+
+
 def make_transport(backend: str, host: str, port: int, rank: int, world_size: int, generation: int = 0,
-                   timeout_s: float = 300.0) -> WeightTransport:
-    """`gloo` / `nccl`: a broadcast group; `shared`: shared memory between colocated processes."""
+                   timeout_s: float = 300.0, *, secret: str) -> WeightTransport:
+    """`gloo` / `nccl`: a broadcast group; `shared`: shared memory between colocated processes.
+    `secret`: the group's (`new_secret`), the same for every member."""
     if backend == "shared":
-        return SharedTransport(host, port, rank, world_size, generation, timeout_s)
-    return BroadcastTransport(host, port, rank, world_size, backend, generation, timeout_s)
+        return SharedTransport(host, port, rank, world_size, generation, timeout_s, secret=secret)
+    return BroadcastTransport(host, port, rank, world_size, backend, generation, timeout_s, secret=secret)

@@ -265,7 +265,7 @@ class LearnerWorker:
         dcp.save({"model": model, "optim": optim}, checkpoint_id=f"{path}/learner")
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
         torch.save({"scheduler": self.scheduler.state_dict(), "rng": rng, "world_size": self.world_size},
-                   f"{path}/learner/rank{self.rank}.pt")
+                   f"{path}/learner/rank{self.rank}.pt")  # plain data and tensors: loads with weights_only=True
         if self.rank == 0:  # what `raygrpo export` needs to rebuild the model without the source
             from transformers import AutoTokenizer
 
@@ -275,18 +275,21 @@ class LearnerWorker:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore what `save_checkpoint` wrote; DCP reshards when the world size changed (then
-        each rank takes rank 0's schedule and its own RNG is not restored)."""
+        each rank takes rank 0's schedule and its own RNG is not restored). Nothing in the files
+        is executed (see `learner.checkpoint_io`)."""
         import os
 
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from learner.checkpoint_io import SafeLoadPlanner, SafeReader, read_rank_state
+
         model, optim = get_state_dict(self.model, self.optimizer)
         state = {"model": model, "optim": optim}
-        dcp.load(state, checkpoint_id=f"{path}/learner")
+        dcp.load(state, storage_reader=SafeReader(f"{path}/learner"), planner=SafeLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        own = f"{path}/learner/rank{self.rank}.pt"
-        extra = torch.load(own if os.path.exists(own) else f"{path}/learner/rank0.pt", weights_only=False)
+        own = f"{path}/learner/rank{self.rank}.pt"  # after the collective load: a refusal here stalls no peer
+        extra = read_rank_state(own if os.path.exists(own) else f"{path}/learner/rank0.pt")
         self.scheduler.load_state_dict(extra["scheduler"])
         if extra["world_size"] == self.world_size:
             torch.set_rng_state(extra["rng"]["cpu"])
@@ -300,9 +303,11 @@ class LearnerWorker:
         return [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
 
     def join_weight_group(self, host: str, port: int, world_size: int, generation: int, timeout_s: float,
-                          backend: str, dtype: str, bucket_bytes: int, roots: list[str] | None = None) -> None:
+                          backend: str, dtype: str, bucket_bytes: int, secret: str,
+                          roots: list[str] | None = None) -> None:
         """Rank 0 joins the broadcast group as its root, other ranks only remember the plan; with
-        `roots` (shared memory, colocated) rank r is the root of its own pair at `roots[r]`."""
+        `roots` (shared memory, colocated) rank r is the root of its own pair at `roots[r]`.
+        `secret`: the group's, from the driver (see `learner.weights.join_store`)."""
         self.wire_dtype = getattr(torch, dtype)
         element_size = torch.empty((), dtype=self.wire_dtype).element_size()
         self.buckets = plan_buckets([TensorSpec(n, s) for n, s in self.weight_manifest()], bucket_bytes, element_size)
@@ -315,7 +320,7 @@ class LearnerWorker:
             host, port = roots[self.rank].rsplit(":", 1)
         elif self.rank != 0:
             return
-        self.transport = make_transport(backend, host, int(port), 0, world_size, generation, timeout_s)
+        self.transport = make_transport(backend, host, int(port), 0, world_size, generation, timeout_s, secret=secret)
 
     def broadcast_weights(self) -> list[tuple[int, int]]:
         """Gather full tensors bucket by bucket (all ranks); the ranks holding a transport send them.

@@ -4,14 +4,19 @@ Layout: `<output_dir>/checkpoints/step_00000012/` holds everything needed to con
 11 as if the run had never stopped:
 - `learner/`: the learner's sharded model, optimizer and (per rank, `rank{r}.pt`) LR schedule and
   RNG state — `torch.distributed.checkpoint`, written by every rank (the directory must be on
-  storage every learner node sees);
-- `run.pkl`: the driver's state (`RunState`: next step, policy version, evaluations so far,
-  metrics waiting to be logged, completions generated but not yet trained on, RNGs);
+  storage every learner node sees); read back without running anything it holds
+  (`learner.checkpoint_io`);
+- `run.json`: the driver's state (`RunState`: next step, policy version, evaluations so far,
+  metrics waiting to be logged, completions generated but not yet trained on, RNGs) as JSON, in
+  an explicit codec that builds only the dataclasses of `STATE_TYPES` (`to_json` / `from_json`);
 - `metrics.jsonl`: the run's metrics so far (restored on resume, so nothing is logged twice);
 - `state.json`: the config and a summary, for people and for the compatibility check;
 - `COMPLETE`: written last. A checkpoint is written into `.partial-step_N/` and renamed into place
   only after `COMPLETE` is on disk; a crash or a full disk mid-write leaves the previous
   checkpoint as the newest complete one. Only the newest `checkpoint.keep` are kept.
+
+A checkpoint may come from someone else: nothing in it is unpickled or imported. A checkpoint of
+an older raygrpo, whose driver state is a pickle (`run.pkl`), is refused.
 
 Resuming is exact for `rollout.max_staleness=0` on the same machine and world size in fp32:
 sampling seeds are functions of (run seed, step, round, prompt, sample), data batches of (seed,
@@ -23,10 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +39,9 @@ from orchestration.config import ConfigError
 log = logging.getLogger("raygrpo")
 
 COMPLETE = "COMPLETE"
+STATE_FILE = "run.json"
+STATE_FORMAT = 1  # of run.json; a reader refuses others
+OLD_STATE_FILE = "run.pkl"  # raygrpo before the JSON state: never loaded
 # May not change on resume: the policy and what it was trained on would no longer be one run.
 FIXED = ("model.path", "seed", "task", "data.train_files", "data.prompt_key", "data.answer_key", "data.shuffle",
          "rollout.prompts_per_step")
@@ -65,20 +72,83 @@ class RunState:
 
 
 def capture_rng() -> dict[str, Any]:
+    """The driver's RNG states as plain data (tuples, lists of ints, numbers), for run.json."""
     import numpy as np
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"] = {"key": numpy["state"]["key"].tolist(), "pos": int(numpy["state"]["pos"])}
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state().tolist()}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what `capture_rng` took (nothing for an empty state)."""
     import numpy as np
     import torch
 
     if state:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
+        numpy = dict(state["numpy"], state={**state["numpy"]["state"],
+                                            "key": np.asarray(state["numpy"]["state"]["key"], dtype=np.uint32)})
+        np.random.set_state(numpy)
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def state_types() -> dict[str, type]:
+    """The only classes run.json may hold, by tag: what a `RunState` is made of."""
+    from actors.scoring import Score
+    from actors.types import Completion, Group, Prompt
+    from orchestration.evaluation import EvalResult
+    from orchestration.producer import Sampled
+    from tasks.base import Problem
+
+    return {cls.__name__: cls for cls in (RunState, EvalResult, Sampled, Group, Prompt, Completion, Score, Problem)}
+
+
+def to_json(value: Any, types: dict[str, type]) -> Any:
+    """`value` as JSON data. JSON's own types stay as they are (floats exactly: JSON writes their
+    shortest repr, NaN and infinities included); the rest become one-key tagged objects: a
+    `types` dataclass `{"$Name": {field: ...}}`, a tuple `{"$tuple": [...]}`, a dict with keys
+    JSON cannot hold or that start with "$" `{"$dict": [[key, value], ...]}`. Anything else
+    (a dataset column of another type) is kept as the reward server saw it (`plain`)."""
+    from actors.reward_server import plain
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [to_json(v, types) for v in value]
+    if isinstance(value, tuple):
+        return {"$tuple": [to_json(v, types) for v in value]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: to_json(v, types) for k, v in value.items()}
+        return {"$dict": [[to_json(k, types), to_json(v, types)] for k, v in value.items()]}
+    name = type(value).__name__
+    if is_dataclass(value) and types.get(name) is type(value):
+        return {f"${name}": {f.name: to_json(getattr(value, f.name), types) for f in fields(value)}}
+    return to_json(plain(value), types)
+
+
+def from_json(value: Any, types: dict[str, type]) -> Any:
+    """The inverse of `to_json`; ValueError for a tag it does not know or a malformed one."""
+    if isinstance(value, list):
+        return [from_json(v, types) for v in value]
+    if not isinstance(value, dict):
+        return value
+    tags = [k for k in value if k.startswith("$")]
+    if not tags:
+        return {k: from_json(v, types) for k, v in value.items()}
+    if len(value) != 1:
+        raise ValueError(f"a tagged object with other keys: {sorted(value)[:4]}")
+    tag, inner = tags[0][1:], value[tags[0]]
+    if tag == "tuple" and isinstance(inner, list):
+        return tuple(from_json(v, types) for v in inner)
+    if tag == "dict" and isinstance(inner, list) and all(isinstance(p, list) and len(p) == 2 for p in inner):
+        return {from_json(k, types): from_json(v, types) for k, v in inner}
+    cls = types.get(tag)
+    if cls is None or not isinstance(inner, dict) or set(inner) != {f.name for f in fields(cls)}:
+        raise ValueError(f"unknown or malformed tag ${tag[:40]}")
+    return cls(**{k: from_json(v, types) for k, v in inner.items()})
 
 
 class Checkpoints:
@@ -128,8 +198,8 @@ class Checkpoints:
 
 def write_driver_files(directory: Path, state: RunState, config: dict[str, Any], run_dir: Path) -> None:
     """The driver's part of a checkpoint: run state, metrics so far, config summary."""
-    with open(directory / "run.pkl", "wb") as f:
-        pickle.dump(state, f)
+    document = {"format": STATE_FORMAT, "state": to_json(state, state_types())}
+    _write_synced(directory / STATE_FILE, json.dumps(document))
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         shutil.copyfile(metrics, directory / "metrics.jsonl")
@@ -138,8 +208,30 @@ def write_driver_files(directory: Path, state: RunState, config: dict[str, Any],
 
 
 def read_state(checkpoint: Path) -> RunState:
-    with open(checkpoint / "run.pkl", "rb") as f:
-        return pickle.load(f)
+    """The driver's state in `checkpoint`; ConfigError (one line) when it is not a run.json of
+    this format (a pickle of an older raygrpo included: it is never loaded)."""
+    check_state_file(checkpoint)
+    path = checkpoint / STATE_FILE
+    try:
+        document = json.loads(path.read_text())
+        if not (isinstance(document, dict) and document.get("format") == STATE_FORMAT):
+            raise ValueError(f"not format {STATE_FORMAT}")
+        state = from_json(document["state"], state_types())
+        if not isinstance(state, RunState):
+            raise ValueError("no run state in it")
+    except (ValueError, TypeError, KeyError) as err:  # json.JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is not a raygrpo driver state ({type(err).__name__}: {err})") from err
+    return state
+
+
+def check_state_file(checkpoint: Path) -> None:
+    """ConfigError when `checkpoint` has no run.json: it was written by an older raygrpo (run.pkl)."""
+    if (checkpoint / STATE_FILE).is_file():
+        return
+    if (checkpoint / OLD_STATE_FILE).exists():
+        raise ConfigError(f"checkpoint {checkpoint} was written by an older raygrpo: its driver state is a pickle "
+                          f"({OLD_STATE_FILE}), which is not loaded (loading a pickle can run any code in it)")
+    raise ConfigError(f"checkpoint {checkpoint} holds no {STATE_FILE}")
 
 
 def restore_run_files(checkpoint: Path, run_dir: Path, state: RunState) -> None:
@@ -174,6 +266,7 @@ def choose_resume(cfg: Any) -> Path | None:
         chosen = Path(cfg.resume).expanduser().resolve()
         if not (chosen / COMPLETE).is_file():
             raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint directory (no {COMPLETE} file)")
+    check_state_file(chosen)
     check_compatible(json.loads((chosen / "state.json").read_text())["config"], config_dict(cfg), chosen)
     return chosen
 

@@ -4,28 +4,42 @@ Each role (rollout, learner, reward) gets its own placement group of one bundle 
 resources are reserved up front (or the run stops with a clear message) and the placement can be
 printed before anything starts (`dry_run=true`). Rollout engines added during a run (growth beyond
 the initial slots) get a placement group each from `extra_rollout_slot`.
+
+A local Ray (no `ray.address`) listens on loopback only and authenticates every client with a token
+made for that cluster (`start_local_ray`); a cluster the user names is joined with its own settings.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import ipaddress
 import json
+import logging
 import os
+import secrets
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from ray._private import ray_constants
 from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestration.config import ConfigError
+from orchestration.control import write_secret
 from orchestration.plan import ALL_ROLES as ROLES
 from orchestration.plan import role_bundle, validate_resources
 
+log = logging.getLogger("raygrpo")
+LOOPBACK = "127.0.0.1"
 
 
 def start_ray(cfg: Any) -> None:
-    """Join `ray.address` (or RAY_ADDRESS), else start a local Ray bound to 127.0.0.1."""
+    """Join `ray.address` (or RAY_ADDRESS), else start a local Ray on loopback with token auth."""
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job_env_vars()}}
     if address:
@@ -35,8 +49,69 @@ def start_ray(cfg: Any) -> None:
             raise ConfigError(f"cannot connect to the Ray cluster at {address}: {err}") from None
         return
     t = cfg.topology
-    ray.init(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=cfg.ray.dashboard,
-             dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+    start_local_ray(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=cfg.ray.dashboard,
+                    runtime_env=env, log_to_driver=True)
+
+
+def start_local_ray(**init_args: Any) -> None:
+    """`ray.init(**init_args)` for a new single-node cluster whose every process listens on 127.0.0.1
+    only (GCS, raylet, object manager, workers, agents, metrics, dashboard) and requires the
+    cluster's token from every client (`use_cluster_token`)."""
+    use_cluster_token()
+    with loopback_kept():
+        ray.init(_node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **init_args)
+    node_ip = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(node_ip).is_loopback:  # fail closed if a Ray upgrade changes that mapping
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {node_ip}, not on loopback: refusing to run on it")
+
+
+@contextlib.contextmanager
+def loopback_kept():
+    """Within: Ray keeps 127.0.0.1 as this node's address, and a cluster address 127.0.0.1:port as it is.
+
+    Ray 2.60 maps 127.0.0.1 to the machine's outward address (so a local cluster's servers listen on
+    every interface, and a client of one on loopback dials the outward address), unless it runs in
+    the single-node mode it uses on macOS and Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read at
+    import): then the node IP stays 127.0.0.1 and each server binds to it. Switched around one
+    `ray.init` only: Ray's own processes get the node IP on their command line, and a process that
+    later joins a real cluster must still find its outward address."""
+    saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """Whether a Ray address (host:port) names the host Ray remaps (127.0.0.1, localhost, ::1), as
+    a local raygrpo Ray's does; other loopback addresses (127.0.0.2, ...) Ray keeps as they are."""
+    return (address or "").rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1")
+
+
+def use_cluster_token() -> None:
+    """Token authentication for the local cluster about to start, with the user's token when one is
+    set (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), else a fresh one for this cluster alone.
+
+    The fresh token lives in a 0600 file in a private directory removed at exit; only its path goes
+    into the environment every Ray process inherits (RAY_AUTH_TOKEN_PATH), so reading a process's
+    environment does not reveal it. Ray's own default, ~/.ray/auth_token, is not used: it is one
+    token for every cluster of the user, kept forever, written with the umask's mode (0644 here).
+    The token is never printed; `control.json` records the path for `raygrpo scale`."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s ignored: a local Ray started by raygrpo always authenticates", mode)
+        del os.environ["RAY_AUTH_MODE"]  # unset: ray.init() of a new cluster turns token auth on itself
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    folder = tempfile.mkdtemp(prefix="raygrpo-ray-")  # mode 0700
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, "auth_token")
+    write_secret(path, secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()  # a token looked up earlier in this process
 
 
 def worker_env() -> dict[str, str]:

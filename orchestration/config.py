@@ -121,6 +121,14 @@ class RolloutConfig:
 
 
 @dataclass
+class CodeRewardConfig:
+    sandbox: str = "bwrap"
+    """Isolation of `code_tests` (actors/sandbox.py): `bwrap` jails each sample (bubblewrap, which
+    must be installed on every reward node; a run that cannot set it up refuses to start), `none`
+    runs model-written code WITHOUT isolation, with the reward actor's rights (trusted code only)."""
+
+
+@dataclass
 class RewardConfig:
     num_workers: int = 1
     """Reward actors; groups are spread across them."""
@@ -132,6 +140,11 @@ class RewardConfig:
     from `reward=custom` (none)."""
     timeout_s: float = 5.0
     """Per-sample deadline; a sample past it is `failed` (kept apart from a reward of 0)."""
+    pass_env: list[str] = field(default_factory=list)
+    """Environment variables the reward processes may see beyond a fixed allowlist (PATH, LANG,
+    ...): e.g. `[OPENAI_API_KEY]` for an LLM judge. Nothing else of the job's environment (W&B,
+    Ray, cloud credentials) reaches reward functions."""
+    code: CodeRewardConfig = field(default_factory=CodeRewardConfig)
 
 
 @dataclass
@@ -492,6 +505,7 @@ def validate_rewards(cfg: Any) -> None:
 
     check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
     check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
+    check(cfg.reward.code.sandbox in ("bwrap", "none"), f"reward.code.sandbox must be bwrap or none, got {cfg.reward.code.sandbox!r}")
     from orchestration.recipe_config import reward_settings
 
     settings = reward_settings(cfg)
@@ -503,6 +517,11 @@ def validate_rewards(cfg: Any) -> None:
     check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
     if "code_tests" in list(cfg.reward.functions) + [cfg.eval.reward]:
         from actors.rewards.code import TIME_LIMIT_S
+        from actors.sandbox import unavailable
+
+        why = unavailable() if cfg.reward.code.sandbox == "bwrap" else None
+        check(why is None, f"code_tests cannot jail model-written code here: {why}; reward.code.sandbox=none runs "
+                           f"it WITHOUT isolation (see README, Security)")
 
         check(cfg.reward.timeout_s >= TIME_LIMIT_S + 2,
                f"reward.timeout_s ({cfg.reward.timeout_s:g}) must leave code_tests' {TIME_LIMIT_S:g} s limit room "

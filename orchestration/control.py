@@ -4,19 +4,27 @@
   flight finish, writes a checkpoint and stops (`RunStopped`); a second SIGINT stops at once (the
   newest complete checkpoint stays usable: checkpoints are written atomically).
 - Scaling: the driver serves a named Ray actor (`ControlActor`, namespace `raygrpo`) and reads its
-  requests between steps; `raygrpo scale rollout=N [run=<output_dir>] [address=<ray address>]`
-  or `scale(N, ...)` from Python asks for N rollout actors. New engines start in the background
+  requests between steps; `raygrpo scale rollout=N run=<output_dir> [address=<ray address>]`
+  or `scale(N, run=...)` from Python asks for N rollout actors. New engines start in the background
   and receive the current weights before they serve; removed ones finish their work first.
-  The run directory's `control.json` says which cluster and actor serve the run.
+  The run directory's `control.json` says which cluster and actor serve the run (never a secret);
+  `control.token` (mode 0600, made afresh at each start) holds the run's token: the actor knows
+  only its SHA-256 and refuses a request without it, so only who can read the run directory's
+  token can scale the run. A refused or malformed request is answered with the reason, logged by
+  the driver ("refused scale request: ...") and never reaches the pool.
 - `raygrpo export checkpoint=<dir> [out=<dir>]` writes a checkpoint's policy as a Hugging Face
   directory (loadable by transformers and vLLM as is), without Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -25,6 +33,32 @@ from typing import Any
 
 log = logging.getLogger("raygrpo")
 NAMESPACE = "raygrpo"
+TOKEN_FILE = "control.token"
+MAX_ROLLOUT = 1024  # a sane bound: no request may ask the cluster for a million engines
+MAX_REFUSALS = 20  # refusals kept for the driver's log between two steps (a flood is counted, not kept)
+
+
+def write_secret(path: str | Path, text: str) -> None:
+    """Write `text` to a new file that only its owner can read: created with mode 0600 (O_EXCL: never
+    through a file or link someone else put there), so it is never readable with its content."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()  # any str a caller sends
+
+
+def check_rollout(rollout: Any) -> int:
+    """`rollout` as a number of rollout actors, or ValueError saying why not (an int, not a bool,
+    1..MAX_ROLLOUT); the message never repeats a string it was given."""
+    if isinstance(rollout, bool) or not isinstance(rollout, int):
+        raise ValueError(f"rollout must be an integer, got {type(rollout).__name__}")
+    if not 1 <= rollout <= MAX_ROLLOUT:
+        shown = rollout if abs(rollout) < 10**12 else "a larger number"
+        raise ValueError(f"rollout must be between 1 and {MAX_ROLLOUT}, got {shown}")
+    return rollout
 
 
 class RunStopped(RuntimeError):
@@ -69,22 +103,56 @@ class StopFlag:
 
 
 class ControlActor:
-    """The named actor a running driver serves: requests wait here until the driver's next step."""
+    """The named actor a running driver serves: requests wait here until the driver's next step.
 
-    def __init__(self):
+    Any client of the cluster can call a named actor, so every method asks for the run's token and
+    the actor holds only its SHA-256 (`token_digest`). A bad request is refused here, answered with
+    the reason and kept for the driver to log; it never replaces a pending valid one."""
+
+    def __init__(self, token_sha256: str):
+        self.token_sha256 = token_sha256
         self.rollout: int | None = None
         self.status: dict[str, Any] = {}
+        self.refusals: list[str] = []
+        self.dropped = 0  # refusals beyond MAX_REFUSALS since the driver last looked
 
-    def scale(self, rollout: int) -> dict[str, Any]:
-        self.rollout = rollout
-        return self.status
+    def scale(self, rollout: Any, token: Any = None) -> dict[str, Any]:
+        """Ask for `rollout` rollout actors: {"accepted": True, "status": last reported} or
+        {"accepted": False, "error": why}."""
+        try:
+            self._authorize(token)
+            self.rollout = check_rollout(rollout)
+        except (PermissionError, ValueError) as err:
+            self._refuse(str(err))
+            return {"accepted": False, "error": str(err)}
+        return {"accepted": True, "status": self.status}
 
-    def take(self) -> int | None:
+    def take(self, token: Any) -> tuple[int | None, list[str]]:
+        """The driver's: the pending request (None if none) and the refusals since the last take."""
+        self._authorize(token)
         requested, self.rollout = self.rollout, None
-        return requested
+        refusals, self.refusals = self.refusals, []
+        if self.dropped:
+            refusals.append(f"{self.dropped} more refused requests not kept")
+            self.dropped = 0
+        return requested, refusals
 
-    def report(self, status: dict[str, Any]) -> None:
+    def report(self, status: dict[str, Any], token: Any) -> None:
+        """The driver's: the status the next scale request is answered with."""
+        self._authorize(token)
         self.status = status
+
+    def _authorize(self, token: Any) -> None:
+        # compare_digest: the time taken says nothing about how much of a guess was right
+        if not (isinstance(token, str) and len(token) <= 256
+                and hmac.compare_digest(token_digest(token), self.token_sha256)):
+            raise PermissionError("missing or wrong run token (it is in the run directory's control.token)")
+
+    def _refuse(self, reason: str) -> None:
+        if len(self.refusals) < MAX_REFUSALS:
+            self.refusals.append(reason)
+        else:
+            self.dropped += 1
 
 
 class Control:
@@ -94,10 +162,12 @@ class Control:
         import ray
 
         self.name = f"control:{run_dir.resolve()}"
+        self._token = new_run_token(run_dir)
         self.actor = ray.remote(ControlActor).options(name=self.name, namespace=NAMESPACE, num_cpus=0,
-                                                      lifetime="non_detached").remote()
+                                                      lifetime="non_detached").remote(token_digest(self._token))
         record = {"address": ray.get_runtime_context().gcs_address, "actor": self.name, "namespace": NAMESPACE,
-                  "auth_mode": os.environ.get("RAY_AUTH_MODE", "")}  # never the token itself
+                  "auth_mode": os.environ.get("RAY_AUTH_MODE", ""),  # never a token itself, only where one is
+                  "auth_token_path": os.environ.get("RAY_AUTH_TOKEN_PATH", "")}
         (run_dir / "control.json").write_text(json.dumps(record, indent=1))
 
     def close(self) -> None:
@@ -107,31 +177,63 @@ class Control:
         ray.kill(self.actor)
 
     def apply(self, pool: Any, step: int) -> None:
-        """Resize the rollout pool if someone asked; report the step and pool size."""
+        """Resize the rollout pool if someone asked; log refused requests; report the step and pool size."""
         import ray
 
-        requested = ray.get(self.actor.take.remote())
+        requested, refusals = ray.get(self.actor.take.remote(self._token))
+        for reason in refusals:
+            log.warning("refused scale request: %s", reason)
         if requested is not None and requested != pool.target:
             log.warning("step %d: rollout actors %d -> %d (requested from outside)", step, pool.target, requested)
             try:
                 pool.resize(requested)
-            except ValueError as err:  # e.g. colocated engines are paired with learner ranks
-                log.error("scale request ignored: %s", err)
-        self.actor.report.remote({"step": step, "rollout_actors": len(pool.actors), "rollout_target": pool.target})
+            except Exception as err:  # colocated engines are paired with learner ranks, or worse: the run goes on
+                log.error("scale request ignored: %s: %s", type(err).__name__, err)
+        self.actor.report.remote({"step": step, "rollout_actors": len(pool.actors), "rollout_target": pool.target},
+                                 self._token)
 
 
-def scale(rollout: int, run: str | None = None, address: str | None = None) -> dict[str, Any]:
+def new_run_token(run_dir: Path) -> str:
+    """A fresh run token in `<run_dir>/control.token` (0600; the previous start's is replaced)."""
+    token = secrets.token_urlsafe(32)
+    path = run_dir / TOKEN_FILE
+    path.unlink(missing_ok=True)  # a link or file left there is removed, never written through
+    write_secret(path, token)
+    return token
+
+
+def read_run_token(run: str | Path) -> str:
+    """The token of the run in directory `run`, or ValueError saying why it cannot be read."""
+    path = Path(run) / TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err} "
+                         f"(only the user who started the run can scale it)") from None
+
+
+def scale(rollout: int, run: str | None = None, address: str | None = None,
+          token: str | None = None) -> dict[str, Any]:
     """Ask a running job for `rollout` rollout actors (applied between its steps); returns its
-    last reported status. `run`: its output_dir (needed when several runs share a cluster)."""
-    if rollout < 1:
-        raise ValueError(f"rollout must be >= 1, got {rollout}")
+    last reported status, or raises ValueError with the job's reason for refusing. `run`: its
+    output_dir, where the run's token is read from (`token`: that token, given instead)."""
+    check_rollout(rollout)
+    if token is None:
+        if not run:
+            raise ValueError("run=<output_dir> is needed: the run's token is read from its control.token")
+        token = read_run_token(run)
     record = json.loads((Path(run) / "control.json").read_text()) if run else {}
     if record.get("auth_mode") and "RAY_AUTH_MODE" not in os.environ:  # a local ray.init() turns token auth on
-        os.environ["RAY_AUTH_MODE"] = record["auth_mode"]  # read at import; the token: RAY_AUTH_TOKEN or Ray's file
+        os.environ["RAY_AUTH_MODE"] = record["auth_mode"]  # read at import
+    if record.get("auth_token_path") and not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
+        os.environ["RAY_AUTH_TOKEN_PATH"] = record["auth_token_path"]  # the cluster's token (a local raygrpo Ray's)
     import ray
 
-    ray.init(address=address or record.get("address") or "auto", namespace=NAMESPACE, log_to_driver=False,
-             logging_level=logging.WARNING)
+    from orchestration.cluster import is_loopback_address, loopback_kept
+
+    address = address or record.get("address") or "auto"
+    with loopback_kept() if is_loopback_address(address) else contextlib.nullcontext():  # a local raygrpo Ray
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
     try:
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["namespace"] == NAMESPACE and a["name"].startswith("control:")]
@@ -139,9 +241,12 @@ def scale(rollout: int, run: str | None = None, address: str | None = None) -> d
         if name is None:
             raise ValueError(f"{len(names)} raygrpo runs on this cluster: name one with run=<output_dir>"
                              if names else "no running raygrpo job on this cluster")
-        return ray.get(ray.get_actor(name, namespace=NAMESPACE).scale.remote(rollout))
+        answer = ray.get(ray.get_actor(name, namespace=NAMESPACE).scale.remote(rollout, token))
     finally:
         ray.shutdown()
+    if not answer["accepted"]:
+        raise ValueError(f"the run refused the request: {answer['error']}")
+    return answer["status"]
 
 
 def export(checkpoint: str, out: str | None = None) -> Path:
@@ -150,6 +255,8 @@ def export(checkpoint: str, out: str | None = None) -> Path:
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from learner.checkpoint_io import SafeLoadPlanner, SafeReader  # a checkpoint is data: nothing unpickled freely
+
     src = Path(checkpoint)
     hf = src / "learner" / "hf"
     if not (hf / "config.json").is_file():
@@ -157,7 +264,7 @@ def export(checkpoint: str, out: str | None = None) -> Path:
     target = Path(out) if out else src / "policy"
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf), dtype=torch.float32)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(src / "learner"), no_dist=True)
+    dcp.load(state, storage_reader=SafeReader(str(src / "learner")), planner=SafeLoadPlanner(), no_dist=True)
     model.load_state_dict(state["model"])
     model.save_pretrained(target, safe_serialization=True)
     AutoTokenizer.from_pretrained(hf).save_pretrained(target)
@@ -166,7 +273,7 @@ def export(checkpoint: str, out: str | None = None) -> Path:
 
 def command(name: str, args: list[str]) -> int:
     """`raygrpo scale ...` / `raygrpo export ...`: key=value arguments; returns the exit status."""
-    usage = {"scale": "raygrpo scale rollout=N [run=<output_dir>] [address=<ray address>]",
+    usage = {"scale": "raygrpo scale rollout=N run=<output_dir> [address=<ray address>]",
              "export": "raygrpo export checkpoint=<dir> [out=<dir>]"}[name]
     try:
         kv = dict(a.split("=", 1) for a in args)
@@ -174,7 +281,7 @@ def command(name: str, args: list[str]) -> int:
         if set(kv) - allowed:
             raise ValueError(f"unknown argument(s) {', '.join(sorted(set(kv) - allowed))}")
         if name == "scale":
-            status = scale(int(kv["rollout"]), kv.get("run"), kv.get("address"))
+            status = scale(int(kv["rollout"]), kv["run"], kv.get("address"))
             print(f"asked for {kv['rollout']} rollout actors, applied before the run's next step "
                   f"(last reported: {status or 'nothing yet'})")
         else:

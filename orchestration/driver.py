@@ -97,7 +97,8 @@ def start_actors(cfg: Any, placement: Placement) -> Actors:
     rollout = start_rollout(cfg, placement)
     if cfg.topology.colocate:
         ray.get(rollout.call("sleep"))  # the learner loads onto the shared devices next
-    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s, reward_settings(cfg))
+    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s, reward_settings(cfg),
+                         pass_env(cfg))
     kl_in_loss = a.kl_coef if a.kl_in == "loss" else 0.0
     objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
                               max_tokens=r.max_new_tokens, kl_coef=kl_in_loss, kl_estimator=a.kl_estimator,
@@ -119,7 +120,13 @@ def eval_settings(cfg: Any, midway: bool = False) -> SimpleNamespace:
     pass_k = 1 if midway and not e.pass_k_midway else e.pass_k
     return SimpleNamespace(max_new_tokens=e.max_new_tokens or cfg.rollout.max_new_tokens, pass_k=pass_k,
                            temperature=e.temperature, reward=e.reward, reward_timeout_s=cfg.reward.timeout_s,
-                           seed=cfg.seed, format_reward=e.format_reward, reward_settings=reward_settings(cfg))
+                           seed=cfg.seed, format_reward=e.format_reward, reward_settings=reward_settings(cfg),
+                           pass_env=pass_env(cfg))
+
+
+def pass_env(cfg: Any) -> tuple[str, ...]:
+    """The environment variables a run's reward functions may see beyond the allowlist."""
+    return tuple(cfg.reward.pass_env)
 
 
 def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task, life: Lifecycle) -> list[EvalResult]:

@@ -28,7 +28,8 @@ class EvalResult:
 def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_prompt: str = "",
              num_samples: int = 4) -> EvalResult:
     """`cfg` (`driver.eval_settings`): max_new_tokens, pass_k, temperature, reward (the judging function),
-    reward_timeout_s, seed, format_reward ("" or the function of eval/format_rate), reward_settings.
+    reward_timeout_s, seed, format_reward ("" or the function of eval/format_rate), reward_settings,
+    pass_env (see `Scorer`).
     Greedy and sampled replies come from one engine batch, so from one policy version."""
     by_id = {p.id: p for p in problems}
     greedy_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=cfg.max_new_tokens)
@@ -45,7 +46,7 @@ def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_pro
     problem = lambda g: by_id[g.prompt.id.removesuffix(SAMPLED)]  # noqa: E731
     fmt = cfg.format_reward
     with Scorer({cfg.reward: 1.0, **({fmt: 0.0} if fmt and fmt != cfg.reward else {})},
-                timeout_s=cfg.reward_timeout_s, settings=cfg.reward_settings) as scorer:
+                timeout_s=cfg.reward_timeout_s, settings=cfg.reward_settings, pass_env=cfg.pass_env) as scorer:
         judged = [row[0] for row in scorer.score([score_request(g, problem(g)) for g in greedy])]
         values = [s.parts.get(cfg.reward, 0.0) for s in judged]
         metrics = {

@@ -376,11 +376,12 @@ class RolloutPool:
 
 class RewardPool:
     def __init__(self, options: list[dict[str, Any]], functions: dict[str, float], timeout_s: float,
-                 settings: dict[str, dict] | None = None):
+                 settings: dict[str, dict] | None = None, pass_env: tuple[str, ...] = ()):
         """One Scorer actor per entry of `options` (its placement, reused by its replacements);
-        `settings`: see `Scorer`."""
+        `settings`, `pass_env`: see `Scorer`."""
         self.remote = ray.remote(Scorer)
         self.functions, self.timeout_s, self.settings = dict(functions), timeout_s, settings
+        self.pass_env = tuple(pass_env)
         self.options = list(options)
         self.actors = [self._start(opt) for opt in self.options]  # actor i runs on options[i]
         self.turn = 0
@@ -389,7 +390,7 @@ class RewardPool:
         self.lock = threading.Lock()
 
     def _start(self, options: dict[str, Any]):
-        return self.remote.options(**options).remote(dict(self.functions), self.timeout_s, self.settings)
+        return self.remote.options(**options).remote(dict(self.functions), self.timeout_s, self.settings, self.pass_env)
 
     def score(self, groups: list[Group], problems: dict[str, Problem]) -> list[list[Score]]:
         """Scores [P][G] for the groups, spreading whole groups over the reward actors."""

@@ -109,10 +109,12 @@ class ReasoningConfig:
 
 
 def reward_settings(cfg: Any) -> dict[str, dict[str, str]]:
-    """Settings of the reasoning rewards, from `reasoning.*` (see `actors.rewards.FACTORIES`)."""
+    """Settings of the built-ins made by a factory (see `actors.rewards.FACTORIES`): the reasoning
+    rewards from `reasoning.*`, `code_tests` from `reward.code`."""
     r = cfg.reasoning
     return {"think_format": {"open": r.open_tag, "close": r.close_tag},
-            "language_consistency": {"script": r.language, "open": r.open_tag, "close": r.close_tag}}
+            "language_consistency": {"script": r.language, "open": r.open_tag, "close": r.close_tag},
+            "code_tests": {"sandbox": cfg.reward.code.sandbox}}
 
 
 def validate_recipe(cfg: Any, check: Any) -> None:

@@ -112,7 +112,7 @@ def run(cfg: Any, placement: Any, task: Any) -> Path:
     from dataclasses import replace
 
     from actors.types import Prompt, SamplingSpec
-    from orchestration.driver import start_rollout
+    from orchestration.driver import pass_env, start_rollout
     from orchestration.pools import RewardPool
     from orchestration.producer import sampling_seed
     from orchestration.reasoning_metrics import reasoning_metrics
@@ -123,7 +123,8 @@ def run(cfg: Any, placement: Any, task: Any) -> Path:
     problems = draw(task, x.num_prompts, r.prompts_per_step)
     by_id = {p.id: p for p in problems}
     rollout = start_rollout(cfg, placement)
-    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s, reward_settings(cfg))
+    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s, reward_settings(cfg),
+                         pass_env(cfg))
     spec = SamplingSpec(n=x.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_tokens=r.max_new_tokens, stop=tuple(r.stop))
     specs = [replace(spec, seed=sampling_seed(cfg.seed, "rejection", i)) for i in range(len(problems))]

@@ -25,7 +25,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from learner.group import LearnerGroup, LearnerLost
-from learner.weights import NCCL_GRACE_S, checksums_match
+from learner.weights import NCCL_GRACE_S, checksums_match, new_secret
 from orchestration.pools import RolloutPool, _why
 
 log = logging.getLogger("raygrpo")
@@ -68,8 +68,10 @@ class WeightSync:
         with self.rollout.lock:
             self.generation += 1
             members = self.rollout.members()
+            # a fresh secret per generation, to the members through Ray calls only: the store's port
+            # is open to anyone who reaches it, the secret is what admits a member (never log it)
             common = dict(generation=self.generation, timeout_s=self.member_timeout_s, backend=self.backend,
-                          dtype=self.dtype, bucket_bytes=self.bucket_bytes)
+                          dtype=self.dtype, bucket_bytes=self.bucket_bytes, secret=new_secret())
             if self.backend == "shared":
                 learner_refs, engine_refs = self._connect_pairs(members, common)
             else:

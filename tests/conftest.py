@@ -1,5 +1,5 @@
-"""Shared fixtures. Integration tests use one local Ray (loopback only) per session and a tiny
-Qwen2 built on the fly in a per-session cache; nothing is downloaded."""
+"""Shared fixtures. Integration tests use one local Ray (loopback only, token auth) per session
+and a tiny Qwen2 built on the fly in a per-session cache; nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def ray_local():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    from orchestration.cluster import worker_env
+    from orchestration.cluster import start_local_ray, worker_env
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
+    # the driver's own path: every Ray process on 127.0.0.1, token authentication on
+    start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                    runtime_env={"env_vars": worker_env()})
     yield ray
     ray.shutdown()

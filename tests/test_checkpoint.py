@@ -160,3 +160,167 @@ def test_periodic_checkpoints_and_a_signal_stop(tmp_path):
     with pytest.raises(RunStopped, match="stopped by SIGTERM after step 5; checkpoint .*step_00000006") as stop:
         life.after_step(5, producer, None)
     assert stop.value.exit_code == 128 + signal.SIGTERM
+
+
+# ---------------------------------------------------------------- the driver state as data, hostile checkpoints
+
+def a_run_state():
+    """A RunState with every kind of thing a real one holds: evaluations, a queued step's groups
+    and scores (a chat prompt, a failed sample), metrics, row metadata and the RNG states."""
+    from actors.scoring import Score
+    from actors.types import Completion, Group, Prompt
+    from orchestration.checkpoint import capture_rng
+    from orchestration.evaluation import EvalResult
+    from orchestration.producer import Sampled
+    from tasks.base import Problem
+
+    chat = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"})
+    problems = {"p0": Problem("p0", chat, "4", {"level": 3, "$odd key": [1, None], "nested": {"k": (1, 2.5)}}, "t:1"),
+                "p1": Problem("p1", "3+3?", "6", {}, "t:2")}
+    groups = [Group(Prompt("p0", chat, "sys"), [5, 6, 7], [Completion([1, 2], [-0.1, -1e-300], "stop", "4"),
+                                                             Completion([3], [float("-inf")], "length", "x")], 2),
+              Group(Prompt("p1", "3+3?"), [8], [Completion([], [], "abort", "")], 3)]
+    scores = [[Score(1.0, {"accuracy": 1.0}, "ok"), Score(0.0, {}, "failed", "timeout after 5 s")],
+              [Score(0.1 + 0.2, {"accuracy": 0.1 + 0.2}, "ok")]]
+    sampled = Sampled(groups, scores, ["p9"], {"time/generate": 1.25, "sampling/rounds": 1.0}, problems)
+    evals = [EvalResult({"eval/accuracy": 0.5}, [{"prompt": "q", "answer": "1", "reply": "r", "correct": True}])]
+    return RunState(step=7, version=6, evals=evals, pending={"eval/pass@4": 0.75}, queued={7: sampled, 8: sampled},
+                    skipped_in_a_row=1, wandb_id="abc123", samples_bytes=4096, rng=capture_rng())
+
+
+def draws():
+    import random
+
+    import numpy as np
+    import torch
+
+    return random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist()
+
+
+def test_the_driver_state_round_trips_through_json_exactly(tmp_path):
+    from orchestration.checkpoint import read_state, restore_rng
+
+    import numpy as np
+    np.random.randn()  # a cached gaussian in numpy's state
+    state = a_run_state()
+    expected = draws()
+    write_driver_files(tmp_path, state, {"seed": 1}, tmp_path)
+    assert not (tmp_path / "run.pkl").exists()
+    json.loads((tmp_path / "run.json").read_text())  # plain JSON
+    draws()  # move every generator on
+    restored = read_state(tmp_path)
+    assert restored == state
+    assert isinstance(restored.queued[7].groups[0].prompt.content, tuple) and list(restored.queued) == [7, 8]
+    assert restored.queued[7].problems["p0"].metadata["nested"]["k"] == (1, 2.5)
+    restore_rng(restored.rng)
+    assert draws() == expected
+
+
+def test_run_json_builds_only_the_allowlisted_types(tmp_path):
+    from orchestration.checkpoint import read_state
+
+    cfg = cfg_at(tmp_path)
+    where = save_config(tmp_path, 4, cfg)
+    for hostile in ({"$os.system": {"command": "true"}}, {"$RunState": {"step": 1}}, {"$tuple": "abc"},
+                    {"$Group": {"prompt": 1}, "step": 2}):
+        (where / "run.json").write_text(json.dumps({"format": 1, "state": hostile}))
+        with pytest.raises(ConfigError, match="is not a raygrpo driver state"):
+            read_state(where)
+
+
+def test_an_old_checkpoint_with_a_pickle_is_refused_unread(tmp_path):
+    from orchestration.checkpoint import read_state
+    from tests.reward_fixtures import hostile_pickle
+
+    marker = tmp_path / "pwned"
+    where = save_config(tmp_path, 4, cfg_at(tmp_path))
+    (where / "run.json").unlink()
+    (where / "run.pkl").write_bytes(hostile_pickle(str(marker)))
+    for attempt in (lambda: choose_resume(cfg_at(tmp_path, "resume=auto")), lambda: read_state(where)):
+        with pytest.raises(ConfigError, match="written by an older raygrpo: its driver state is a pickle .*not loaded"):
+            attempt()
+    assert not marker.exists()
+
+
+def test_a_learner_rank_file_loads_only_plain_data(tmp_path):
+    import pickle
+
+    import torch
+
+    from learner.checkpoint_io import read_rank_state
+    from learner.worker import _lr_lambda
+    from tests.reward_fixtures import _Touch
+
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(2, "cosine", 10))
+    optimizer.step()
+    scheduler.step()
+    genuine = {"scheduler": scheduler.state_dict(), "rng": {"cpu": torch.get_rng_state(), "cuda": None}, "world_size": 2}
+    torch.save(genuine, tmp_path / "rank0.pt")  # as LearnerWorker.save_checkpoint writes it
+    loaded = read_rank_state(str(tmp_path / "rank0.pt"))
+    assert loaded["scheduler"] == genuine["scheduler"] and torch.equal(loaded["rng"]["cpu"], genuine["rng"]["cpu"])
+
+    marker = tmp_path / "pwned"
+    torch.save({**genuine, "scheduler": _Touch(str(marker))}, tmp_path / "rank1.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        read_rank_state(str(tmp_path / "rank1.pt"))
+    assert not marker.exists()
+    torch.load(tmp_path / "rank1.pt", weights_only=False)  # what it would have done before
+    assert marker.exists()
+
+
+def test_learner_dcp_metadata_and_items_are_read_without_running_code(tmp_path):
+    import pickle
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from learner.checkpoint_io import SafeLoadPlanner, SafeReader
+    from tests.reward_fixtures import _Touch
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)).to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        weights, optim = get_state_dict(model, optimizer)
+        dcp.save({"model": weights, "optim": optim}, checkpoint_id=tmp_path / "learner")
+        fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)).to(torch.bfloat16)
+        fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=5.0)
+        fresh(torch.randn(2, 3, dtype=torch.bfloat16)).sum().backward()
+        fresh_optimizer.step()
+        state = dict(zip(("model", "optim"), get_state_dict(fresh, fresh_optimizer)))
+        dcp.load(state, storage_reader=SafeReader(tmp_path / "learner"), planner=SafeLoadPlanner())
+    assert all(torch.equal(a, b) for a, b in zip(state["model"].values(), weights.values()))
+    assert state["optim"]["param_groups"][0]["lr"] == 1e-3
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "learner" / ".metadata").write_bytes(pickle.dumps(_Touch(str(marker))))
+    with pytest.raises(pickle.UnpicklingError, match="refers to posix.system.*refused"):
+        SafeReader(tmp_path / "learner").read_metadata()
+    with pytest.raises(dcp.api.CheckpointException):  # as the learner calls it
+        dcp.load(state, storage_reader=SafeReader(tmp_path / "learner"), planner=SafeLoadPlanner())
+    assert not marker.exists()
+
+
+def test_learner_dcp_non_tensor_items_load_only_as_plain_data(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from learner.checkpoint_io import SafeLoadPlanner, SafeReader
+    from tests.reward_fixtures import _Touch
+
+    marker = tmp_path / "pwned"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"lr": 1e-3, "note": _Touch(str(marker))}, checkpoint_id=tmp_path / "learner")
+        with pytest.raises(dcp.api.CheckpointException, match="weights_only|Weights only"):
+            dcp.load({"lr": 0.0, "note": None}, storage_reader=SafeReader(tmp_path / "learner"),
+                     planner=SafeLoadPlanner())
+        assert not marker.exists()
+        dcp.load({"lr": 0.0, "note": None}, checkpoint_id=tmp_path / "learner")  # DCP's own planner runs it
+    assert marker.exists()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from actors.rewards.code import _isolation, code_tests, extract_code
+from actors.rewards.code import code_tests, extract_code
 
 TESTS = {"tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 5"]}  # 3rd: never
 
@@ -42,16 +42,22 @@ def test_missing_tests_raise():
         code_tests("x = 1", "", {})
 
 
+# Each would cost more than its sample without the jail. `posix.*` and raw syscalls, not `os.*`: the
+# harness blanks some `os` functions, so a bomb written with `os.fork` would never run at all.
 HOSTILE = {
     "infinite loop": "def add(a, b):\n    while True:\n        pass",
-    "fork bomb": "import os\nwhile True:\n    os.fork()",
-    "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'sleep 100'])\ndef add(a, b): return a + b",
+    "fork bomb": "import posix\nwhile True:\n    posix.fork()",
+    "raw fork syscall": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nwhile True:\n"
+                        "    assert libc.syscall(57 if __import__('platform').machine() == 'x86_64' else 220, 17, 0, 0, 0, 0) >= 0",
+    "subprocess": "import posix\nposix.posix_spawn('/bin/sh', ['sh', '-c', 'sleep 100'], {})\ndef add(a, b): return a + b",
     "memory bomb": "blob = bytearray(16 << 30)\ndef add(a, b): return a + b",
+    "forked memory bomb": "import posix\nfor _ in range(4):\n    if posix.fork() == 0:\n        blob = bytearray(300 << 20)\n"
+                          "def add(a, b): return a + b",
     "output flood": "import sys\nwhile True:\n    print('x' * 65536)\n    sys.stderr.write('y' * 65536)",
     "hard exit": "import os\nos._exit(0)",
     "segfault": "import ctypes\nctypes.string_at(0)",
     "disk flood": "with open('big', 'w') as f:\n    f.write('x' * (64 << 20))\ndef add(a, b): return a + b",
-    "forged result": "import os\nos.write(3, b'0 pass 0\\n0 pass 1\\n')",
+    "forged result": "import os, sys\nos.write(int(sys.argv[1]), b'0 pass 0\\n0 pass 1\\n')",
 }
 
 
@@ -76,7 +82,6 @@ def test_tests_as_a_json_string_and_numpy_programs():
     assert code_tests(fenced(numpy_add), "", TESTS) == pytest.approx(2 / 3)
 
 
-@pytest.mark.skipif(not _isolation(), reason="no PID namespace on this machine (unshare refused)")
 def test_signals_and_orphans_stay_inside_the_namespace():
     """Killing the parent (or everything) hits only the sample's own namespace; a detached child dies
     with it."""
@@ -97,6 +102,7 @@ def test_no_environment_no_files_no_orphans(monkeypatch):
     probe = ("import os\nassert 'RAYGRPO_TEST_SECRET' not in os.environ, 'env leaked'\n"
              "assert os.listdir('.') == [], 'cwd not empty'\nopen('scratch.txt', 'w').write('ok')\n"
              "def add(a, b): return a + b")
+    assert code_tests(fenced(probe), "", TESTS) == pytest.approx(2 / 3)  # and the next one starts empty again
     assert code_tests(fenced(probe), "", TESTS) == pytest.approx(2 / 3)
     code_tests(fenced("import time\nwhile True: time.sleep(1)"), "", {**TESTS, "time_limit_s": 1})
     deadline = time.monotonic() + 5  # SIGKILLed; on a loaded machine its exit may take a moment
@@ -106,14 +112,16 @@ def test_no_environment_no_files_no_orphans(monkeypatch):
 
 
 def sandboxes_alive() -> list[str]:
-    """Processes whose working directory is a sandbox's temporary directory."""
+    """Processes of a jail: bwrap itself, or anything whose command line is the sandbox runner."""
     alive = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if "raygrpo-code-" in os.readlink(f"/proc/{pid}/cwd"):
-                alive.append(pid)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
         except OSError:
-            pass
+            continue
+        if cmd.startswith(b"bwrap") or b"/bwrap\0" in cmd or b"def _run():" in cmd:
+            alive.append(pid)
     return alive
 
 
@@ -125,7 +133,9 @@ def test_humaneval_converts_once_and_reference_solutions_pass(tmp_path, monkeypa
     path = humaneval.jsonl_path()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 164 and rows[0]["task_id"] == "HumanEval/0"
-    assert humaneval.jsonl_path() == path and os.path.getmtime(path) == path.stat().st_mtime
+    written = path.stat().st_mtime_ns
+    time.sleep(0.01)
+    assert humaneval.jsonl_path() == path and path.stat().st_mtime_ns == written  # converted once, not again
     task = FileTask(["builtin:humaneval"], ["builtin:humaneval"], batch_size=8)
     assert len(task.test_set()) == 164 and task.max_steps(8) == 21
     for problem in task.test_set()[:12]:

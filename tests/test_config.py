@@ -140,6 +140,7 @@ BAD = [
     (["eval.reward=no_such_reward"], r"reward function 'no_such_reward': unknown reward"),
     (["data.epochs=0"], r"data\.epochs"),
     (["eval.reward=code_tests"], r"reward\.timeout_s \(5\) must leave code_tests' 5 s limit room"),
+    (["eval.reward=code_tests", "reward.timeout_s=15", "reward.code.sandbox=nsjail"], r"reward\.code\.sandbox must be bwrap or none"),
     (["data.val_files=[v.jsonl]"], r"data\.val_files is set but data\.train_files is not"),
     (["logger.samples_every_n_steps=-1"], r"logger\.samples_every_n_steps"),
     (["algo.clip_low=0"], r"algo\.clip_low"),

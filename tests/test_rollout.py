@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actors.types import Prompt, SamplingSpec
-from learner.weights import BroadcastTransport, TensorSpec, checksum, checksums_match, pack, plan_buckets
+from learner.weights import BroadcastTransport, TensorSpec, checksum, checksums_match, new_secret, pack, plan_buckets
 from learner.worker import free_port
 
 GREEDY = SamplingSpec(n=1, temperature=0.0, max_tokens=12)
@@ -67,13 +67,13 @@ def test_broadcast_changes_engine_weights_and_checksums_match(ray_local, engine,
     new = {n: p.detach() + 0.1 * torch.randn_like(p) for n, p in model.named_parameters()}
     manifest = [(n, tuple(t.shape)) for n, t in new.items()]
     bucket_bytes = 64 * 1024  # several buckets
-    port = free_port()
+    port, secret = free_port(), new_secret()
     # The engine joins as a client; this test is rank 0 and hosts the store. Joining blocks until
     # both sides arrive, so the root is created while the engine's call is in flight.
     join = engine.join_weight_group.remote(host="127.0.0.1", port=port, rank_offset=1, world_size=2,
                                            backend="gloo", generation=0, timeout_s=60, manifest=manifest,
-                                           dtype="float32", bucket_bytes=bucket_bytes)
-    root = BroadcastTransport("127.0.0.1", port, 0, 2, "gloo", 0, 60)
+                                           dtype="float32", bucket_bytes=bucket_bytes, secret=secret)
+    root = BroadcastTransport("127.0.0.1", port, 0, 2, "gloo", 0, 60, secret=secret)
     assert ray_local.get(join) == [1]
     receive = engine.receive_weights.remote(1)
     buckets = plan_buckets([TensorSpec(n, s) for n, s in manifest], bucket_bytes, 4)

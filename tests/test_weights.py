@@ -217,6 +217,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SECRET = "test-group-secret"
+
 BUFFERS = [  # (numel, dtype) of the three broadcast buffers
     (10, torch.float32),
     (7, torch.bfloat16),
@@ -231,7 +233,7 @@ def _sender_buffers() -> list[torch.Tensor]:
 
 def _receiver(port: int, rank: int, world_size: int, queue, backend: str) -> None:
     try:
-        t = make_transport(backend, "127.0.0.1", port, rank, world_size, generation=1, timeout_s=60)
+        t = make_transport(backend, "127.0.0.1", port, rank, world_size, generation=1, timeout_s=60, secret=SECRET)
         sums, values = [], []
         for numel, dtype in BUFFERS:
             buf = torch.zeros(numel, dtype=dtype)
@@ -255,7 +257,7 @@ def test_transport_to_two_receivers(backend):
     for p in procs:
         p.start()
     try:
-        sender = make_transport(backend, "127.0.0.1", port, 0, world, generation=1, timeout_s=60)
+        sender = make_transport(backend, "127.0.0.1", port, 0, world, generation=1, timeout_s=60, secret=SECRET)
         bufs = _sender_buffers()
         sent = []
         for buf in bufs:
@@ -281,7 +283,7 @@ def test_transport_to_two_receivers(backend):
 def test_broadcast_sender_times_out_without_receiver():
     start = time.monotonic()
     with pytest.raises(Exception) as info:
-        BroadcastTransport("127.0.0.1", _free_port(), 0, 2, "gloo", timeout_s=3)
+        BroadcastTransport("127.0.0.1", _free_port(), 0, 2, "gloo", timeout_s=3, secret=SECRET)
     elapsed = time.monotonic() - start
     assert elapsed < 30, elapsed
     assert "time" in str(info.value).lower()  # "Timed out ... waiting for clients"
@@ -289,4 +291,4 @@ def test_broadcast_sender_times_out_without_receiver():
 
 def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match="unknown broadcast backend"):
-        BroadcastTransport("127.0.0.1", _free_port(), 0, 1, "mpi", timeout_s=3)
+        BroadcastTransport("127.0.0.1", _free_port(), 0, 1, "mpi", timeout_s=3, secret=SECRET)

@@ -19,7 +19,7 @@ import importlib
 import inspect
 from typing import Callable
 
-from actors.rewards.code import code_tests
+from actors.rewards.code import code_tests, make_code_tests
 from actors.rewards.math import accuracy, accuracy_strict, digits, format_reward, single_number
 from actors.rewards.reasoning import language_consistency, make_language_consistency, make_think_format, think_format
 
@@ -38,8 +38,9 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
-# Built-ins that take settings (`reasoning.*`: think tags, target script) are made by a factory.
+# Built-ins that take settings (`reasoning.*`: think tags, target script; the code sandbox) are made by a factory.
 FACTORIES: dict[str, Callable[..., RewardFn]] = {
+    "code_tests": make_code_tests,  # reward.code.sandbox
     "think_format": make_think_format,
     "language_consistency": make_language_consistency,
 }
