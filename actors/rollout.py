@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
+from common.models import resolve_on_node
 from actors.types import Completion, GenerateResult, Group, Prompt, SamplingSpec
 
 EXTENSION = "actors.vllm_extension.WeightSyncExtension"
@@ -27,15 +28,13 @@ class RolloutActor:
     def __init__(self, model: str, *, gpu: bool = False, engine_bundles: list[int] | None = None,
                  colocated: bool = False, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, max_prompt_tokens: int = 256,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 1):
-        """`model` is resolved here, on this actor's node (see `orchestration.models.resolve_on_node`).
+        """`model` is resolved here, on this actor's node (see `common.models.resolve_on_node`).
         `gpu`: the engine runs on GPUs (else vLLM's CPU build). `engine_bundles`: with tensor
         parallelism, the bundles of this engine's own placement group that vLLM's Ray executor puts
         one worker each on (the pattern of vLLM's examples/rl and OpenRLHF: inside a Ray actor vLLM
         picks up the current placement group, and its Ray executor takes one-GPU bundles only).
         `colocated`: the engine shares its GPU with a learner rank and sleeps while it trains
         (vLLM's sleep mode; CPU engines have none, so there sleeping is a no-op)."""
-        from orchestration.models import resolve_on_node
-
         # vLLM-CPU needs an explicit KV cache size; binding OMP threads to cores fails on small hosts.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")

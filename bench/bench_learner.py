@@ -33,7 +33,7 @@ import torch
 from learner.batch import TrainBatch, row_lengths
 from learner.objectives import GRPOObjective
 from learner.worker import LearnerWorker, free_port
-from orchestration.models import resolve_model_path
+from common.models import resolve_model_path
 
 
 def demo_batch(groups: int, size: int, prompt: int, completion: int, seed: int = 0) -> TrainBatch:

@@ -76,7 +76,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def demo_settings() -> dict:
-    """The demo's numbers: conf/experiment/demo.yaml over raygrpo's schema defaults (orchestration/config.py)."""
+    """The demo's numbers: conf/experiment/demo.yaml over raygrpo's schema defaults (orchestration/config/__init__.py)."""
     import yaml  # PyYAML: in both raygrpo's venv and the peer's (a datasets dependency)
 
     demo = yaml.safe_load((ROOT / "conf" / "experiment" / "demo.yaml").read_text())
@@ -144,7 +144,7 @@ def outer(args: argparse.Namespace, argv: list[str]) -> None:
     if model is None:
         sys.path.insert(0, str(ROOT))
         try:
-            from orchestration.models import resolve_model_path
+            from common.models import resolve_model_path
         except ImportError as e:
             sys.exit(f"peer_trl: cannot resolve {demo_settings()['model']} ({e}); run with raygrpo's "
                      f"venv python (.venv/bin/python) or pass --model DIR")

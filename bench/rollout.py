@@ -42,8 +42,8 @@ def main() -> None:
 
     from actors.rollout import RolloutActor
     from actors.types import Prompt, SamplingSpec
-    from orchestration.cluster import start_local_ray, worker_env
-    from orchestration.models import resolve_model_path
+    from orchestration.cluster.placement import start_local_ray, worker_env
+    from common.models import resolve_model_path
     from tasks.arithmetic import ArithmeticTask
 
     model = resolve_model_path(MODEL)

@@ -78,10 +78,10 @@ def main() -> None:
     from actors.rollout import RolloutActor  # noqa: F401  (importable before Ray starts)
     from learner.group import LearnerGroup
     from learner.objectives import GRPOObjective
-    from orchestration.cluster import start_local_ray, worker_env
-    from orchestration.models import resolve_model_path
-    from orchestration.pools import RolloutPool
-    from orchestration.weight_sync import WeightSync
+    from orchestration.cluster.placement import start_local_ray, worker_env
+    from common.models import resolve_model_path
+    from orchestration.cluster.pools import RolloutPool
+    from orchestration.cluster.weight_sync import WeightSync
 
     os.environ.pop("RAY_ADDRESS", None)
     model = resolve_model_path(args.model)  # build the built-in once, before the actors race for it

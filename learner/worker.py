@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.models import resolve_on_node
 from learner.batch import Padded, TrainBatch, micro_batches, pad, prompt_rows, row_lengths
 from learner.logprobs import chunked_logprobs
 from learner.batch import pack as pack_rows
@@ -58,8 +59,6 @@ class LearnerWorker:
         else:
             torch.set_num_threads(max(1, cpu_threads))
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size)
-        from orchestration.models import resolve_on_node
-
         self.model_path = model_path = resolve_on_node(model_path)
         torch.manual_seed(seed)
         self.objective, self.temperature, self.logits_chunk = objective, temperature, logits_chunk

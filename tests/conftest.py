@@ -21,7 +21,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(cache_dir):
-    from orchestration.models import resolve_model_path
+    from common.models import resolve_model_path
 
     return resolve_model_path("builtin:tiny-qwen2")
 
@@ -31,7 +31,7 @@ def ray_local():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    from orchestration.cluster import start_local_ray, worker_env
+    from orchestration.cluster.placement import start_local_ray, worker_env
 
     # the driver's own path: every Ray process on 127.0.0.1, token authentication on
     start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False,

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from orchestration.config import ConfigError
-from orchestration.models import check_model_path
+from common.models import check_model_path
 from orchestration.preflight import RAY_CONNECT_TIMEOUT_S, check_overrides, check_run, host_port
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

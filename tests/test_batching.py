@@ -1,4 +1,4 @@
-"""Tests for orchestration/batching.py, learner/batch.py and learner/objectives.py.
+"""Tests for orchestration/train/batching.py, learner/batch.py and learner/objectives.py.
 
 Expected values are computed by hand in each test (see the comments)."""
 
@@ -14,7 +14,7 @@ from actors.scoring import Score
 from actors.types import Completion, Group, Prompt
 from learner.batch import TrainBatch, micro_batches, pad
 from learner.objectives import GRPOObjective, Micro, SFTObjective
-from orchestration.batching import build_batch, pad_to_multiple
+from orchestration.train.batching import build_batch, pad_to_multiple
 
 GRPO = SimpleNamespace(advantage="grpo", scale_by_std=True)
 DR_GRPO = SimpleNamespace(advantage="grpo", scale_by_std=False)

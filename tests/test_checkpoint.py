@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from orchestration.checkpoint import CheckpointError, Checkpoints, RunState, choose_resume, write_driver_files
+from orchestration.train.checkpoint import CheckpointError, Checkpoints, RunState, choose_resume, write_driver_files
 from orchestration.config import Config, ConfigError
-from orchestration.control import RunStopped, StopFlag
+from orchestration.cluster.control import RunStopped, StopFlag
 
 
 def write_file(name: str, text: str = "x"):
@@ -30,7 +30,7 @@ def test_a_killed_write_leaves_the_previous_checkpoint_usable(tmp_path):
     script = f"""
 import sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-from orchestration.checkpoint import Checkpoints
+from orchestration.train.checkpoint import Checkpoints
 c = Checkpoints({str(tmp_path)!r})
 c.write(1, lambda d: (d / "weights").write_text("one"))
 def slow(d):
@@ -126,7 +126,7 @@ def test_first_signal_asks_to_stop_after_the_step_second_sigint_stops_now():
 
 
 def stand_in_life(tmp_path, max_skipped: int, every: int = 0):
-    from orchestration.lifecycle import Lifecycle
+    from orchestration.train.lifecycle import Lifecycle
 
     cfg = cfg_at(tmp_path, f"learner.max_skipped_steps={max_skipped}", f"checkpoint.every_n_steps={every}", "steps=100")
     life = Lifecycle(cfg, OmegaConf.to_container(cfg, resolve=True), None)
@@ -169,9 +169,9 @@ def a_run_state():
     and scores (a chat prompt, a failed sample), metrics, row metadata and the RNG states."""
     from actors.scoring import Score
     from actors.types import Completion, Group, Prompt
-    from orchestration.checkpoint import capture_rng
-    from orchestration.evaluation import EvalResult
-    from orchestration.producer import Sampled
+    from orchestration.train.checkpoint import capture_rng
+    from orchestration.train.evaluation import EvalResult
+    from orchestration.train.producer import Sampled
     from tasks.base import Problem
 
     chat = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"})
@@ -198,7 +198,7 @@ def draws():
 
 
 def test_the_driver_state_round_trips_through_json_exactly(tmp_path):
-    from orchestration.checkpoint import read_state, restore_rng
+    from orchestration.train.checkpoint import read_state, restore_rng
 
     import numpy as np
     np.random.randn()  # a cached gaussian in numpy's state
@@ -217,7 +217,7 @@ def test_the_driver_state_round_trips_through_json_exactly(tmp_path):
 
 
 def test_run_json_builds_only_the_allowlisted_types(tmp_path):
-    from orchestration.checkpoint import read_state
+    from orchestration.train.checkpoint import read_state
 
     cfg = cfg_at(tmp_path)
     where = save_config(tmp_path, 4, cfg)
@@ -229,7 +229,7 @@ def test_run_json_builds_only_the_allowlisted_types(tmp_path):
 
 
 def test_an_old_checkpoint_with_a_pickle_is_refused_unread(tmp_path):
-    from orchestration.checkpoint import read_state
+    from orchestration.train.checkpoint import read_state
     from tests.reward_fixtures import hostile_pickle
 
     marker = tmp_path / "pwned"

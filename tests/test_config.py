@@ -1,4 +1,4 @@
-"""Tests for orchestration/config.py (schema, validate, resources), the YAML presets under conf/,
+"""Tests for orchestration/config/__init__.py (schema, validate, resources), the YAML presets under conf/,
 orchestration/models.check_model_path and the `raygrpo` CLI's user-error path."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from orchestration.config import ConfigError, register_configs, validate
-from orchestration.plan import required_resources, validate_resources
+from orchestration.cluster.plan import required_resources, validate_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -232,7 +232,7 @@ def test_validate_accepts_workable_gpu_topologies(overrides):
 
 
 def test_sync_backend_auto():
-    from orchestration.gpu_layout import sync_backend
+    from orchestration.config.gpu_layout import sync_backend
 
     assert sync_backend(make_cfg()) == "gloo"
     assert sync_backend(make_cfg("topology=gpu_pools")) == "nccl"
@@ -402,7 +402,7 @@ def test_cli_smoke_dry_run_placement(tmp_path):
 def test_tp_engine_gets_one_gpu_bundle_per_worker():
     """vLLM's Ray executor takes one-GPU bundles only: a TP=2 engine reserves two, its CPUs and
     custom resources spread over them (the engine actor itself holds nothing)."""
-    from orchestration.cluster import tp_engine_bundles
+    from orchestration.cluster.placement import tp_engine_bundles
 
     cfg = make_cfg("topology=multinode")
     assert tp_engine_bundles(cfg) == [{"CPU": 4.0, "GPU": 1.0, "rollout_node": 0.5}] * 2
@@ -419,7 +419,7 @@ def test_job_runtime_env_keys_are_not_set_twice(monkeypatch):
     """Ray refuses a runtime env whose env_vars repeat a key the submitted job already sets."""
     import json
 
-    from orchestration.cluster import job_env_vars, worker_env
+    from orchestration.cluster.placement import job_env_vars, worker_env
 
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
                        json.dumps({"runtime_env": {"env_vars": {"VLLM_LOGGING_LEVEL": "INFO"}}}))

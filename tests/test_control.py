@@ -18,7 +18,7 @@ import grpc
 import psutil
 import pytest
 
-from orchestration.control import (MAX_REFUSALS, NAMESPACE, TOKEN_FILE, Control, ControlActor, command, scale,
+from orchestration.cluster.control import (MAX_REFUSALS, NAMESPACE, TOKEN_FILE, Control, ControlActor, command, scale,
                                    token_digest)
 
 ROOT = Path(__file__).resolve().parent.parent

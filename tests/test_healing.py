@@ -83,7 +83,7 @@ class FakeEngine:
 
 
 def fake_pool(ray, n: int, more=None, **kwargs):
-    from orchestration.pools import RolloutPool
+    from orchestration.cluster.pools import RolloutPool
 
     return RolloutPool.start([{"num_cpus": 0.1}] * n, "none", STREAM_TIMEOUT_S, more=more, actor_cls=FakeEngine,
                              start_timeout_s=30.0, **kwargs)
@@ -92,7 +92,7 @@ def fake_pool(ray, n: int, more=None, **kwargs):
 def test_fake_pool_grows_on_new_placements_shrinks_and_replaces_on_freed_slots(ray_local):
     from ray.util.placement_group import placement_group_table
 
-    from orchestration.cluster import extra_rollout_slot
+    from orchestration.cluster.placement import extra_rollout_slot
 
     pool = fake_pool(ray_local, 2, more=extra_rollout_slot(rollout_cfg()))
     try:
@@ -127,7 +127,7 @@ def test_fake_pool_grows_on_new_placements_shrinks_and_replaces_on_freed_slots(r
 
 
 def test_engine_that_fails_to_start_is_retried_then_given_up(ray_local, tmp_path):
-    from orchestration.pools import MAX_START_ATTEMPTS
+    from orchestration.cluster.pools import MAX_START_ATTEMPTS
 
     pool = fake_pool(ray_local, 1, more=lambda slot: ({"num_cpus": 0.1}, []))
     try:
@@ -163,7 +163,7 @@ def test_colocated_pool_replaces_in_place_and_cannot_resize(ray_local):
 
 
 def test_dead_reward_actor_is_replaced_and_its_groups_rescored(ray_local):
-    from orchestration.pools import RewardPool
+    from orchestration.cluster.pools import RewardPool
     from tasks.base import Problem
 
     pool = RewardPool([{"num_cpus": 0.1}] * 2, {"accuracy": 1.0}, timeout_s=5.0)
@@ -218,9 +218,9 @@ def _receive_first_bucket(worker) -> None:
 def healing(ray_local, tiny_model):
     from learner.group import LearnerGroup
     from learner.objectives import SFTObjective
-    from orchestration.cluster import extra_rollout_slot
-    from orchestration.pools import RolloutPool
-    from orchestration.weight_sync import WeightSync
+    from orchestration.cluster.placement import extra_rollout_slot
+    from orchestration.cluster.pools import RolloutPool
+    from orchestration.cluster.weight_sync import WeightSync
 
     learner = LearnerGroup(1, [{"num_cpus": 1}], model_path=tiny_model, objective=SFTObjective(), lr=1e-2,
                            total_steps=10, micro_batch_tokens=256, temperature=1.0, grad_clip=1.0)
@@ -361,7 +361,7 @@ def test_b_resize_one_to_two_and_back_with_pushes_between(ray_local, healing):
 def test_e_multiprocess_engine_stops_its_processes_on_shutdown(ray_local, tiny_model):
     """vLLM's default engine (GPU path): core and worker are child processes; `shutdown()` ends them
     while the actor still lives (on CPU the engine runs in the actor's process and has none)."""
-    from orchestration.pools import stop_actors
+    from orchestration.cluster.pools import stop_actors
 
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
     actor = ray_local.remote(num_cpus=1, runtime_env=env)(Armable).remote(tiny_model, dtype="float32",

@@ -81,8 +81,8 @@ def test_grpo_step_matches_engine_logprobs_and_lowers_the_loss(ray_local, tiny_m
 
 
 def test_sft_step_lowers_nll_and_engine_follows_broadcast(ray_local, tiny_model, sampled, engine, tmp_path):
-    from orchestration.pools import RolloutPool
-    from orchestration.weight_sync import WeightSync
+    from orchestration.cluster.pools import RolloutPool
+    from orchestration.cluster.weight_sync import WeightSync
 
     group = make_group(ray_local, tiny_model, SFTObjective(), lr=1e-2)
     try:

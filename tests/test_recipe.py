@@ -14,8 +14,8 @@ from actors.rewards.reasoning import think_format
 from learner.batch import pad
 from learner.objectives import Micro, SFTObjective
 from orchestration.config import ConfigError, validate
-from orchestration.rejection import Candidate, Rules, select, verdict
-from orchestration.sft_data import Example, encode, epoch_batches, load_examples, nll, split
+from orchestration.stages.rejection import Candidate, Rules, select, verdict
+from orchestration.stages.sft_data import Example, encode, epoch_batches, load_examples, nll, split
 from tasks.arithmetic import ArithmeticTask, evaluate
 from tasks.worked import steps, worked_rows, worked_solution
 
@@ -51,7 +51,7 @@ def test_worked_rows_are_seeded_varied_and_from_training_problems():
 
 
 def test_sft_loss_is_on_response_tokens_only():
-    from orchestration.models import byte_tokenizer
+    from common.models import byte_tokenizer
 
     tok = byte_tokenizer()  # no chat template: the prompt is its raw bytes
     enc = encode([Example("What is 2 + 2?", "<think>2 plus 2 is 4</think>4"), Example("Hi", "ok")], tok, "", 512)
@@ -71,7 +71,7 @@ def test_sft_loss_is_on_response_tokens_only():
 
 
 def test_sft_rows_too_long_are_skipped_and_counted():
-    from orchestration.models import byte_tokenizer
+    from common.models import byte_tokenizer
 
     enc = encode([Example("a" * 10, "b" * 10), Example("a" * 100, "b")], byte_tokenizer(), "", 50)
     assert (len(enc), enc.too_long) == (1, 1)
@@ -138,7 +138,7 @@ def test_rejection_keeps_exactly_what_the_rules_accept():
 def test_student_keeps_evenly_spaced_teacher_layers(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from orchestration.models import build_student, student_layers
+    from common.models import build_student, student_layers
 
     assert student_layers(30, 2) == [0, 29] and student_layers(30, 4) == [0, 10, 19, 29] and student_layers(5, 1) == [0]
     path = build_student(tiny_model, tmp_path / "student", 1)
@@ -157,7 +157,7 @@ def test_student_keeps_evenly_spaced_teacher_layers(tiny_model, tmp_path):
 
 
 def test_pipeline_resolves_stage_outputs_and_adds_evaluations(tmp_path, cache_dir):
-    from orchestration.pipeline import stage_configs
+    from orchestration.stages.pipeline import stage_configs
 
     cfg = make_cfg("experiment=r1_smoke", f"output_dir={tmp_path}")
     configs = dict(stage_configs(cfg))
@@ -187,7 +187,7 @@ def test_pipeline_config_errors(overrides, message, tmp_path):
 
 
 def test_pipeline_stage_setting_errors_name_the_stage(tmp_path, cache_dir):
-    from orchestration.pipeline import stage_configs
+    from orchestration.stages.pipeline import stage_configs
 
     cfg = make_cfg("experiment=r1_smoke", f"output_dir={tmp_path}",
                    "pipeline.stages=[{name: a, stage: sft, set: {learner.lr: -1.0}}]")

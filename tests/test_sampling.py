@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from actors.scoring import Score
 from actors.types import Completion, GenerateResult, Group, SamplingSpec
 from orchestration.config import Config
-from orchestration.driver import make_batch
-from orchestration.producer import Producer
+from orchestration.train.loop import make_batch
+from orchestration.train.producer import Producer
 from tasks.arithmetic import ArithmeticTask
 
 
@@ -179,7 +179,7 @@ def test_kl_in_loss_does_not_query_the_reference_for_rewards():
 
 
 def test_sample_rows_carry_prompt_answer_parts_and_version():
-    from orchestration.driver import sample_rows
+    from orchestration.train.loop import sample_rows
 
     out = sample(cfg_with())
     rows = sample_rows(out, 2)
@@ -191,7 +191,7 @@ def test_sample_rows_carry_prompt_answer_parts_and_version():
 
 
 def test_midway_evaluations_are_greedy_unless_asked():
-    from orchestration.driver import eval_settings
+    from orchestration.train.loop import eval_settings
 
     cfg = cfg_with()
     assert eval_settings(cfg).pass_k == 4 and eval_settings(cfg, midway=True).pass_k == 1

@@ -17,33 +17,51 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable
-
-from actors.rewards.code import code_tests, make_code_tests
-from actors.rewards.math import accuracy, accuracy_strict, digits, format_reward, single_number
-from actors.rewards.reasoning import language_consistency, make_language_consistency, make_think_format, think_format
+from collections.abc import Mapping
+from typing import Callable, Iterator
 
 RewardFn = Callable[..., float]
 CONTEXT = ("prompt", "metadata")  # keyword arguments a reward function may ask for
 
-REWARDS: dict[str, RewardFn] = {
-    "accuracy": accuracy,
-    "accuracy_strict": accuracy_strict,
-    "format": format_reward,
-    "single_number": single_number,
-    "digits": digits,
-    "code_tests": code_tests,
-    "think_format": think_format,
-    "language_consistency": language_consistency,
-}
+
+class LazyRegistry(Mapping):
+    """name -> function, each given as `module:attribute` and imported on first lookup: importing the
+    registry (config validation, the driver) imports no reward's dependencies (math-verify, sympy)."""
+
+    def __init__(self, paths: dict[str, str]):
+        self.paths, self.loaded = dict(paths), {}
+
+    def __getitem__(self, name: str) -> Callable:
+        if name not in self.loaded:
+            module, _, attr = self.paths[name].partition(":")  # KeyError for an unknown name
+            self.loaded[name] = getattr(importlib.import_module(module), attr)
+        return self.loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+REWARDS: Mapping[str, RewardFn] = LazyRegistry({
+    "accuracy": "actors.rewards.math:accuracy",
+    "accuracy_strict": "actors.rewards.math:accuracy_strict",
+    "format": "actors.rewards.math:format_reward",
+    "single_number": "actors.rewards.math:single_number",
+    "digits": "actors.rewards.math:digits",
+    "code_tests": "actors.rewards.code:code_tests",
+    "think_format": "actors.rewards.reasoning:think_format",
+    "language_consistency": "actors.rewards.reasoning:language_consistency",
+})
 
 
 # Built-ins that take settings (`reasoning.*`: think tags, target script; the code sandbox) are made by a factory.
-FACTORIES: dict[str, Callable[..., RewardFn]] = {
-    "code_tests": make_code_tests,  # reward.code.sandbox
-    "think_format": make_think_format,
-    "language_consistency": make_language_consistency,
-}
+FACTORIES: Mapping[str, Callable[..., RewardFn]] = LazyRegistry({
+    "code_tests": "actors.rewards.code:make_code_tests",  # reward.code.sandbox
+    "think_format": "actors.rewards.reasoning:make_think_format",
+    "language_consistency": "actors.rewards.reasoning:make_language_consistency",
+})
 
 
 def batched(fn: Callable) -> Callable:

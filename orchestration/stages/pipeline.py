@@ -23,8 +23,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from orchestration import stages
 from orchestration.config import Config, ConfigError, validate
-from orchestration.recipe_config import STAGE_REF, refs_in
+from orchestration.config.recipe import STAGE_REF, refs_in
 
 log = logging.getLogger("raygrpo")
 TRAINS = ("train", "sft", "distill")  # stages that write a policy
@@ -103,7 +104,7 @@ def run(base: DictConfig) -> list[dict[str, Any]]:
     the evaluation table."""
     import ray
 
-    from orchestration import cluster
+    from orchestration.cluster import placement as cluster
 
     configs = stage_configs(base)
     n = len(configs)
@@ -136,8 +137,6 @@ def _done(cfg: DictConfig) -> Path:
 
 def run_stage(name: str, cfg: DictConfig) -> None:
     """One stage (Ray is up); `DONE.json` records its settings, outputs and wall time."""
-    from orchestration import stages
-
     start = time.time()
     try:
         outcome = stages.run(cfg, stages.prepare(cfg))

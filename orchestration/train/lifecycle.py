@@ -10,9 +10,10 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from orchestration.checkpoint import (Checkpoints, CheckpointError, RunState, capture_rng, read_state, restore_rng,
+from orchestration.train.checkpoint import (Checkpoints, CheckpointError, RunState, capture_rng, read_state, restore_rng,
                                       restore_run_files, write_driver_files)
-from orchestration.control import Control, RunStopped, StopFlag
+from orchestration.cluster.control import Control, RunStopped, StopFlag
+from orchestration.train.producer import collect_evals
 
 log = logging.getLogger("raygrpo")
 
@@ -75,8 +76,6 @@ class Lifecycle:
     def save(self, producer: Any) -> Path | None:
         """Write a checkpoint of everything up to `state.step` (waiting for productions and
         evaluations in flight, so nothing generated is lost); None when it fails (logged)."""
-        from orchestration.driver import collect_evals
-
         s = self.state
         s.pending.update(collect_evals(producer, s.evals, wait=True))
         s.queued = producer.produced()

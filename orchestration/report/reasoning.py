@@ -24,9 +24,9 @@ import statistics
 from typing import Sequence
 
 from actors.rewards.reasoning import CLOSE, OPEN, split_think
+from orchestration.config.recipe import REFLECTION_MARKERS
 
 PREFIX = "reasoning/"
-REFLECTION_MARKERS = ("wait", "verify", "check again", "mistake", "let me check", "double-check", "re-check")
 
 
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestration.config import ConfigError, check
+from common.errors import ConfigError, check
 
 GIB = 1 << 30
 ENGINE_OVERHEAD_GIB = 1.0
@@ -105,10 +105,16 @@ def actor_bundles(cfg: Any, role: str) -> list[list[dict[str, float]]]:
     """Per actor of a role, the bundles it reserves (TP engines: one one-GPU bundle per worker)."""
     count, bundle = role_bundle(cfg, role)
     if role == "rollout" and cfg.rollout.tensor_parallel_size > 1:
-        from orchestration.cluster import tp_engine_bundles
-
         return [tp_engine_bundles(cfg) for _ in range(count)]
     return [[dict(bundle)] for _ in range(count)]
+
+
+def tp_engine_bundles(cfg: Any) -> list[dict[str, float]]:
+    """One engine's placement group with tensor parallelism TP: TP one-GPU bundles (vLLM's Ray
+    executor refuses larger ones), the actor's CPUs and custom resources spread over them."""
+    tp, t = cfg.rollout.tensor_parallel_size, cfg.topology
+    extra = {k: v / tp for k, v in t.rollout_resources.items()}
+    return [{"CPU": t.rollout_cpus / tp, "GPU": 1.0, **extra} for _ in range(tp)]
 
 
 def place_on(cfg: Any, nodes: list[Node], roles: tuple[str, ...]) -> list[tuple[str, int, str]]:
@@ -147,7 +153,7 @@ def model_shape(path: str) -> dict[str, int] | None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from orchestration.models import resolve_model_path
+        from common.models import resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(path) if path.startswith("builtin:") else path)
         with torch.device("meta"):

@@ -30,9 +30,9 @@ from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestration.config import ConfigError
-from orchestration.control import write_secret
-from orchestration.plan import ALL_ROLES as ROLES
-from orchestration.plan import role_bundle, validate_resources
+from common.files import write_secret
+from orchestration.cluster.plan import ALL_ROLES as ROLES
+from orchestration.cluster.plan import role_bundle, tp_engine_bundles, validate_resources
 
 log = logging.getLogger("raygrpo")
 LOOPBACK = "127.0.0.1"
@@ -219,14 +219,6 @@ def extra_rollout_slot(cfg: Any) -> Callable[[int], tuple[dict[str, Any], list[i
         return _actor_options(pg, 0, bundle), []
 
     return more
-
-
-def tp_engine_bundles(cfg: Any) -> list[dict[str, float]]:
-    """One engine's placement group with tensor parallelism TP: TP one-GPU bundles (vLLM's Ray
-    executor refuses larger ones), the actor's CPUs and custom resources spread over them."""
-    tp, t = cfg.rollout.tensor_parallel_size, cfg.topology
-    extra = {k: v / tp for k, v in t.rollout_resources.items()}
-    return [{"CPU": t.rollout_cpus / tp, "GPU": 1.0, **extra} for _ in range(tp)]
 
 
 def _place_tp_engines(cfg: Any, placement: Placement, node_ip: dict[str, str], timeout_s: float) -> None:

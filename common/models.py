@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from common.errors import ConfigError
+
 BUILTINS = ("tiny-qwen2", "smollm2-135m")
 
 
@@ -33,8 +35,6 @@ def cache_dir() -> Path:
 
 def check_model_path(path: str) -> None:
     """Raise ConfigError for a path that cannot be a model (cheap; loads nothing)."""
-    from orchestration.config import ConfigError
-
     if not path:
         raise ConfigError("model.path is not set (e.g. model.path=builtin:tiny-qwen2 or a local HF directory)")
     if path.startswith("builtin:"):
@@ -56,8 +56,6 @@ def check_model_config(config_json: Path, path: str) -> None:
 
     The JSON checks are instant; looking the type up imports transformers (~3 s on 2 cores, most of
     it torch), which the run needs anyway."""
-    from orchestration.config import ConfigError
-
     try:
         config = json.loads(config_json.read_bytes())
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
@@ -148,8 +146,6 @@ def package_file(package: str, suffix: str, install: str) -> Path:
     install). `install` is the command named in the error when the package is missing."""
     from importlib import metadata
 
-    from orchestration.config import ConfigError
-
     try:
         files = metadata.files(package) or []
     except metadata.PackageNotFoundError:
@@ -198,8 +194,6 @@ def build_student(source: str, out: Path, layers: int) -> str:
     Written to `out` (replaced when present); returns `out` as a string."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from orchestration.config import ConfigError
 
     src = resolve_model_path(source)
     config = AutoConfig.from_pretrained(src)

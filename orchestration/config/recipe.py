@@ -11,9 +11,9 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from orchestration.reasoning_metrics import REFLECTION_MARKERS
 
 STAGES = ("train", "eval", "sft", "distill", "rejection_sampling", "pipeline")
+REFLECTION_MARKERS = ("wait", "verify", "check again", "mistake", "let me check", "double-check", "re-check")  # reasoning.reflection_markers' default
 STAGE_REF = "stage:"  # a pipeline setting `stage:<name>` is that stage's output (policy dir or data file)
 
 

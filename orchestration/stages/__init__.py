@@ -42,10 +42,10 @@ class Outcome:
 def prepare(cfg: Any) -> Prepared:
     """Read the stage's data (and choose a train stage's checkpoint) before Ray starts."""
     if cfg.stage in ("sft", "distill"):
-        from orchestration import sft
+        from orchestration.stages import sft
 
         return Prepared(sft=sft.prepare(cfg))
-    from orchestration.checkpoint import choose_resume
+    from orchestration.train.checkpoint import choose_resume
     from tasks import make_task
 
     task = make_task(cfg)  # reads the data files: unusable data stops the run before Ray starts
@@ -61,8 +61,9 @@ def prepare(cfg: Any) -> Prepared:
 
 def run(cfg: Any, prepared: Prepared) -> Outcome:
     """Place the stage's actors (Ray is up), run the stage, release its placement."""
-    from orchestration import cluster, driver
-    from orchestration.models import resolve_model_path
+    from orchestration.train import loop as driver
+    from orchestration.cluster import placement as cluster
+    from common.models import resolve_model_path
 
     placement = cluster.place(cfg, ROLES[cfg.stage])
     print(placement.describe(), flush=True)
@@ -74,10 +75,10 @@ def run(cfg: Any, prepared: Prepared) -> Outcome:
         if cfg.stage == "train":
             return Outcome(policy=driver.run_train(cfg, placement, prepared.task, prepared.resume_from) / "policy")
         if cfg.stage == "rejection_sampling":
-            from orchestration import rejection
+            from orchestration.stages import rejection
 
             return Outcome(data=rejection.run(cfg, placement, prepared.task))
-        from orchestration import sft
+        from orchestration.stages import sft
 
         return Outcome(policy=sft.run_sft(cfg, placement, prepared.sft))
     finally:

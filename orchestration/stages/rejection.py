@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestration.reasoning_metrics import repetition
+from orchestration.report.reasoning import repetition
 from tasks.base import PromptContent
 
 log = logging.getLogger("raygrpo")
@@ -112,12 +112,12 @@ def run(cfg: Any, placement: Any, task: Any) -> Path:
     from dataclasses import replace
 
     from actors.types import Prompt, SamplingSpec
-    from orchestration.driver import pass_env, start_rollout
-    from orchestration.pools import RewardPool
-    from orchestration.producer import sampling_seed
-    from orchestration.reasoning_metrics import reasoning_metrics
-    from orchestration.recipe_config import reward_settings
-    from orchestration.sft_data import write_jsonl
+    from orchestration.cluster.launch import pass_env, start_rollout
+    from orchestration.cluster.pools import RewardPool
+    from orchestration.train.producer import sampling_seed
+    from orchestration.report.reasoning import reasoning_metrics
+    from orchestration.config.recipe import reward_settings
+    from orchestration.stages.sft_data import write_jsonl
 
     r, x, out = cfg.rollout, cfg.rejection, Path(cfg.output_dir)
     problems = draw(task, x.num_prompts, r.prompts_per_step)

@@ -31,19 +31,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from common.files import write_secret
+
 log = logging.getLogger("raygrpo")
 NAMESPACE = "raygrpo"
 TOKEN_FILE = "control.token"
 MAX_ROLLOUT = 1024  # a sane bound: no request may ask the cluster for a million engines
 MAX_REFUSALS = 20  # refusals kept for the driver's log between two steps (a flood is counted, not kept)
-
-
-def write_secret(path: str | Path, text: str) -> None:
-    """Write `text` to a new file that only its owner can read: created with mode 0600 (O_EXCL: never
-    through a file or link someone else put there), so it is never readable with its content."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 def token_digest(token: str) -> str:
@@ -229,7 +223,7 @@ def scale(rollout: int, run: str | None = None, address: str | None = None,
         os.environ["RAY_AUTH_TOKEN_PATH"] = record["auth_token_path"]  # the cluster's token (a local raygrpo Ray's)
     import ray
 
-    from orchestration.cluster import is_loopback_address, loopback_kept
+    from orchestration.cluster.placement import is_loopback_address, loopback_kept
 
     address = address or record.get("address") or "auto"
     with loopback_kept() if is_loopback_address(address) else contextlib.nullcontext():  # a local raygrpo Ray

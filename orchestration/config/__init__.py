@@ -16,12 +16,12 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from orchestration.recipe_config import (DistillConfig, PipelineConfig, ReasoningConfig, RejectionConfig, SFTConfig,
+from common.errors import ConfigError, check
+from common.models import check_model_path
+from orchestration.config.gpu_layout import validate_gpus
+
+from orchestration.config.recipe import (DistillConfig, PipelineConfig, ReasoningConfig, RejectionConfig, SFTConfig,
                                          validate_recipe)
-
-
-class ConfigError(ValueError):
-    """A user error in the configuration; the message is shown as is, without a traceback."""
 
 
 @dataclass
@@ -414,16 +414,8 @@ def register_configs() -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def check(ok: bool, message: str) -> None:
-    """Raise ConfigError(message) unless `ok`."""
-    if not ok:
-        raise ConfigError(message)
-
-
 def validate(cfg: Any) -> None:
     """Check a resolved config (dataclass or DictConfig); raise ConfigError on the first problem."""
-    from orchestration.models import check_model_path
-
     r, a, l = cfg.rollout, cfg.algo, cfg.learner
     check(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
     check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
@@ -488,8 +480,6 @@ def validate(cfg: Any) -> None:
            f"logger.wandb.mode must be offline, online or disabled, got {cfg.logger.wandb.mode!r}")
     check(cfg.logger.wandb.mode != "online" or bool(os.environ.get("WANDB_API_KEY")),
            "logger.wandb.mode=online needs WANDB_API_KEY in the environment")
-    from orchestration.gpu_layout import validate_gpus
-
     validate_gpus(cfg)
     check(cfg.topology.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
            f"topology.strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {cfg.topology.strategy!r}")
@@ -506,7 +496,7 @@ def validate_rewards(cfg: Any) -> None:
     check(cfg.reward.num_workers >= 1, f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
     check(len(cfg.reward.functions) > 0, "reward.functions is empty: name at least one reward function")
     check(cfg.reward.code.sandbox in ("bwrap", "none"), f"reward.code.sandbox must be bwrap or none, got {cfg.reward.code.sandbox!r}")
-    from orchestration.recipe_config import reward_settings
+    from orchestration.config.recipe import reward_settings
 
     settings = reward_settings(cfg)
     for name in list(cfg.reward.functions) + [cfg.eval.reward] + ([cfg.eval.format_reward] if cfg.eval.format_reward else []):

@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 
 from learner.group import LearnerGroup, LearnerLost
 from learner.weights import NCCL_GRACE_S, checksums_match, new_secret
-from orchestration.pools import RolloutPool, _why
+from orchestration.cluster.pools import RolloutPool, _why
 
 log = logging.getLogger("raygrpo")
 

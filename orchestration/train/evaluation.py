@@ -14,8 +14,8 @@ from typing import Any
 
 from actors.scoring import Scorer
 from actors.types import Prompt, SamplingSpec
-from orchestration.pools import RolloutPool, score_request
-from orchestration.producer import sampling_seed
+from orchestration.cluster.pools import RolloutPool, score_request
+from orchestration.train.producer import sampling_seed
 from tasks.base import Problem, prompt_text
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from actors.scoring import Score
 from actors.types import Group, Prompt, SamplingSpec
-from orchestration.pools import RewardPool, RolloutPool, score_request
+from orchestration.cluster.pools import RewardPool, RolloutPool, score_request
 from tasks.base import Problem, Task, stable_seed
 
 
@@ -131,6 +131,15 @@ class Producer:
         order = {p.id: i for i, p in enumerate(problems)}
         ranked = sorted(zip(groups, scores), key=lambda gs: order[gs[0].prompt.id])
         return [g for g, _ in ranked], [s for _, s in ranked], dropped
+
+
+def collect_evals(producer: Producer, evals: list[Any], wait: bool = False) -> dict[str, float]:
+    """Metrics of the evaluations finished so far (eval/policy_version: the weights they judged)."""
+    metrics: dict[str, float] = {}
+    for result in producer.finished_evals(wait):
+        evals.append(result)
+        metrics.update(result.metrics)
+    return metrics
 
 
 def sampling_seed(run_seed: int, *where: object) -> int:

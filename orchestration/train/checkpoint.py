@@ -98,8 +98,8 @@ def state_types() -> dict[str, type]:
     """The only classes run.json may hold, by tag: what a `RunState` is made of."""
     from actors.scoring import Score
     from actors.types import Completion, Group, Prompt
-    from orchestration.evaluation import EvalResult
-    from orchestration.producer import Sampled
+    from orchestration.train.evaluation import EvalResult
+    from orchestration.train.producer import Sampled
     from tasks.base import Problem
 
     return {cls.__name__: cls for cls in (RunState, EvalResult, Sampled, Group, Prompt, Completion, Score, Problem)}

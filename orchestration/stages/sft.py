@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.config import ConfigError
-from orchestration.sft_data import Encoded, Example, encode, epoch_batches, load_examples, nll, split, write_jsonl
+from orchestration.stages.sft_data import Encoded, Example, encode, epoch_batches, load_examples, nll, split, write_jsonl
 
 log = logging.getLogger("raygrpo")
 
@@ -48,7 +48,7 @@ def prepare(cfg: Any) -> SFTData:
         train, val = split(train, s.val_fraction, cfg.seed)
     model_path = cfg.model.path
     if cfg.stage == "distill" and cfg.distill.student_layers and not cfg.dry_run:
-        from orchestration.models import build_student
+        from common.models import build_student
 
         model_path = build_student(cfg.model.path, out / "student", cfg.distill.student_layers)
     return SFTData(train, val, skipped, model_path)
@@ -73,11 +73,11 @@ def cold_start_examples(cfg: Any, path: Path) -> list[Example]:
 def run_sft(cfg: Any, placement: Any, data: SFTData) -> Path:
     """Train, log held-out loss, save the policy; returns the policy directory."""
     from learner.objectives import SFTObjective
-    from orchestration import report
-    from orchestration.batching import pad_to_multiple
-    from orchestration.checkpoint import config_dict
-    from orchestration.driver import start_learner
-    from orchestration.metrics import RunLogger
+    from orchestration.report import summary as report
+    from orchestration.train.batching import pad_to_multiple
+    from orchestration.train.checkpoint import config_dict
+    from orchestration.cluster.launch import start_learner
+    from orchestration.report.metrics import RunLogger
 
     start, out = time.time(), Path(cfg.output_dir)
     train, val = encode_both(cfg, data)
@@ -116,7 +116,7 @@ def encode_both(cfg: Any, data: SFTData) -> tuple[Encoded, Encoded]:
     """Both splits in the trained model's tokens; rows over `model.max_model_len` skipped and counted."""
     from transformers import AutoTokenizer
 
-    from orchestration.models import resolve_model_path
+    from common.models import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(data.model_path))
     limit = cfg.model.max_model_len

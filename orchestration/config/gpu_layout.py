@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestration.config import ConfigError, check
+from common.errors import ConfigError, check
 
 
 def validate_gpus(cfg: Any) -> None:
