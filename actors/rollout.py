@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from common.models import resolve_on_node
+from actors.spec import EngineSpec
 from actors.types import Completion, GenerateResult, Group, Prompt, SamplingSpec
+from common.models import resolve_on_node
 
 EXTENSION = "actors.vllm_extension.WeightSyncExtension"
 CPU_MAX_SEQS = 256  # sequences a CPU engine runs at once (vLLM's CPU default)
@@ -25,33 +26,31 @@ CPU_MAX_SEQS = 256  # sequences a CPU engine runs at once (vLLM's CPU default)
 class RolloutActor:
     """Wrap with `ray.remote(...)`; also usable directly in a process with the `__main__` guard."""
 
-    def __init__(self, model: str, *, gpu: bool = False, engine_bundles: list[int] | None = None,
-                 colocated: bool = False, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024, max_prompt_tokens: int = 256,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, kv_cache_gb: int = 1):
-        """`model` is resolved here, on this actor's node (see `common.models.resolve_on_node`).
-        `gpu`: the engine runs on GPUs (else vLLM's CPU build). `engine_bundles`: with tensor
-        parallelism, the bundles of this engine's own placement group that vLLM's Ray executor puts
-        one worker each on (the pattern of vLLM's examples/rl and OpenRLHF: inside a Ray actor vLLM
-        picks up the current placement group, and its Ray executor takes one-GPU bundles only).
-        `colocated`: the engine shares its GPU with a learner rank and sleeps while it trains
-        (vLLM's sleep mode; CPU engines have none, so there sleeping is a no-op)."""
+    def __init__(self, spec: EngineSpec):
+        """`spec.model` is resolved here, on this actor's node (see `common.models.resolve_on_node`).
+        `spec.engine_bundles`: with tensor parallelism, vLLM's Ray executor puts one worker on each
+        (the pattern of vLLM's examples/rl and OpenRLHF: inside a Ray actor vLLM picks up the
+        current placement group, and its Ray executor takes one-GPU bundles only).
+        `spec.colocated`: the engine sleeps while its learner rank trains (vLLM's sleep mode; CPU
+        engines have none, so there sleeping is a no-op)."""
+        gpu, colocated, max_model_len = spec.gpu, spec.colocated, spec.max_model_len
         # vLLM-CPU needs an explicit KV cache size; binding OMP threads to cores fails on small hosts.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gb))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         if not gpu:
             # The engine core runs in this process, not in a child: nothing outlives the actor however it
             # dies. Measured here: same tokens/s as vLLM's default child process, engine start ~2x faster.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         backend = None  # vLLM's default: one in-process worker for TP 1
-        if engine_bundles:
+        if spec.engine_bundles:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)  # this actor holds no GPU; its TP workers do
-            os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, engine_bundles))
+            os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, spec.engine_bundles))
             backend = "ray"
         from vllm import LLM
 
         self.llm = LLM(
-            model=resolve_on_node(model), dtype=dtype, seed=seed, max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            model=resolve_on_node(spec.model), dtype=spec.dtype, seed=spec.seed, max_model_len=max_model_len,
+            tensor_parallel_size=spec.tensor_parallel_size, gpu_memory_utilization=spec.gpu_memory_utilization,
             distributed_executor_backend=backend, worker_extension_cls=EXTENSION,
             logprobs_mode="processed_logprobs", enable_prefix_caching=True,
             enforce_eager=not gpu,  # CPU: no torch.compile warm-up (starts in half the time here); GPU: graphs
@@ -65,7 +64,7 @@ class RolloutActor:
         self.sleeps = colocated and gpu
         self.asleep = False
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_tokens = spec.max_prompt_tokens
         self.version = 0
         self.requests = 0  # request ids handed to the engine so far
 

@@ -5,9 +5,10 @@ Every program runs as `python -I` inside `bwrap` with
   capabilities, no further user namespaces (`--disable-userns`), killed with its parent;
 - a root that holds only what the interpreter needs, read-only: /usr (and the /bin, /lib
   symlinks), the interpreter's prefix and the virtualenv; a fresh /proc (its own pid namespace
-  only), a minimal /dev, a size-limited tmpfs working directory at /tmp; nothing of the host's
-  /etc, /home, /root, /run or /tmp; the root and /dev remounted read-only;
-- an empty environment (PATH, HOME=/tmp, LANG and one-thread BLAS settings only);
+  only), a minimal /dev, a size-limited tmpfs working directory (`WORKDIR`, also HOME and
+  TMPDIR); nothing else of the host's /etc, /home, /root, /run or /tmp; the root and /dev
+  remounted read-only;
+- an empty environment (PATH, HOME, TMPDIR, LANG and one-thread BLAS settings only);
 - a seccomp filter (x86_64, aarch64): no new processes (fork, vfork, clone without
   CLONE_THREAD; clone3 reports ENOSYS so threads fall back to clone), no mounts, namespaces,
   ptrace, keyrings, bpf, perf, io_uring, kernel modules and the like;
@@ -40,6 +41,7 @@ import time
 from dataclasses import dataclass
 
 NOBODY = 65534
+WORKDIR = "/sandbox"  # not /tmp: a virtualenv under the host's /tmp (a CI checkout) is bound at its own path
 MAX_REPORT_BYTES = 1 << 16
 ISOLATIONS = ("bwrap", "none")
 
@@ -155,7 +157,7 @@ def bwrap_argv(limits: Limits, seccomp_fd: int | None) -> list[str]:
     for d in _python_dirs():
         argv += ["--ro-bind", d, d]
     argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-             "--size", str(limits.disk_mb << 20), "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp"]
+             "--size", str(limits.disk_mb << 20), "--tmpfs", WORKDIR, "--remount-ro", "/", "--chdir", WORKDIR]
     for key, value in sandbox_env().items():
         argv += ["--setenv", key, value]
     if seccomp_fd is not None:
@@ -165,7 +167,7 @@ def bwrap_argv(limits: Limits, seccomp_fd: int | None) -> list[str]:
 
 def sandbox_env() -> dict[str, str]:
     """The whole environment a sandboxed program sees."""
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKDIR, "TMPDIR": WORKDIR, "LANG": "C.UTF-8",
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 

@@ -32,6 +32,7 @@ import torch
 
 from learner.batch import TrainBatch, row_lengths
 from learner.objectives import GRPOObjective
+from learner.spec import LearnerSpec
 from learner.worker import LearnerWorker, free_port
 from common.models import resolve_model_path
 
@@ -91,8 +92,9 @@ def main() -> None:
     args = ap.parse_args()
     worker = LearnerWorker(0, 1)
     with mock.patch("ray.get_gpu_ids", return_value=[]):  # no Ray: this process is the rank, on the CPU
-        worker.setup(f"127.0.0.1:{free_port()}", model_path=resolve_model_path(args.model), objective=GRPOObjective(),
-                     lr=1e-6, micro_batch_tokens=args.micro_batch_tokens, cpu_threads=args.threads, share_prompts=True)
+        worker.setup(f"127.0.0.1:{free_port()}", LearnerSpec(
+            model_path=resolve_model_path(args.model), objective=GRPOObjective(), lr=1e-6,
+            micro_batch_tokens=args.micro_batch_tokens, cpu_threads=args.threads, share_prompts=True))
     batch = demo_batch(args.groups, args.group_size, args.prompt, args.completion)
     useful = sum(batch.lengths())
     modes = {"plain": False, "shared": True} if worker.share_prompts else {"plain": False}

@@ -41,6 +41,7 @@ def main() -> None:
     import ray
 
     from actors.rollout import RolloutActor
+    from actors.spec import EngineSpec
     from actors.types import Prompt, SamplingSpec
     from orchestration.cluster.placement import start_local_ray, worker_env
     from common.models import resolve_model_path
@@ -55,7 +56,8 @@ def main() -> None:
     start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     try:
         actor = ray.remote(RolloutActor).options(num_cpus=2).remote(  # num_cpus: the demo's rollout_cpus
-            model, dtype="float32", seed=0, max_model_len=MAX_MODEL_LEN, max_prompt_tokens=128, kv_cache_gb=1)
+            EngineSpec(model, dtype="float32", seed=0, max_model_len=MAX_MODEL_LEN, max_prompt_tokens=128,
+                       kv_cache_gb=1))
         ray.get(actor.ready.remote())
 
         def through_actor() -> int:

@@ -76,8 +76,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from actors.rollout import RolloutActor  # noqa: F401  (importable before Ray starts)
+    from actors.spec import EngineSpec
     from learner.group import LearnerGroup
     from learner.objectives import GRPOObjective
+    from learner.spec import LearnerSpec
     from orchestration.cluster.placement import start_local_ray, worker_env
     from common.models import resolve_model_path
     from orchestration.cluster.pools import RolloutPool
@@ -87,11 +89,12 @@ def main() -> None:
     model = resolve_model_path(args.model)  # build the built-in once, before the actors race for it
     start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": worker_env()})
     try:
-        rollout = RolloutPool.start([{"num_cpus": 2}] * args.engines, model, 600.0, gpu=False, dtype="float32",
-                                    max_model_len=512, kv_cache_gb=1)
-        learner = LearnerGroup(args.ranks, [{"num_cpus": 2}] * args.ranks, model_path=model,
-                               objective=GRPOObjective(), lr=1e-5, mixed_precision=False,
-                               cpu_threads=args.learner_threads)
+        rollout = RolloutPool.start([{"num_cpus": 2}] * args.engines,
+                                    EngineSpec(model, gpu=False, dtype="float32", max_model_len=512, kv_cache_gb=1),
+                                    600.0)
+        learner = LearnerGroup(args.ranks, [{"num_cpus": 2}] * args.ranks,
+                               LearnerSpec(model_path=model, objective=GRPOObjective(), lr=1e-5, mixed_precision=False,
+                                           cpu_threads=args.learner_threads))
         sync = WeightSync(learner, rollout, backend=args.backend, dtype="float32", bucket_mb=64, timeout_s=600)
         specs = [TensorSpec(n, tuple(s)) for n, s in sync.manifest]
         peers = [ray.remote(Peer).options(num_cpus=0.1).remote() for _ in range(1 + args.engines)]

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from common.errors import ConfigError
+from common.files import write_dir_atomic
 
 BUILTINS = ("tiny-qwen2", "smollm2-135m")
 
@@ -78,17 +77,12 @@ def resolve_model_path(path: str) -> str:
     target = cache_dir() / name
     if not (target / "config.json").is_file():
         builder = {"tiny-qwen2": build_tiny_qwen2, "smollm2-135m": convert_smollm2}[name]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
+
+        def build(tmp: Path) -> None:
             builder(tmp)
-            tmp.chmod(0o755)
-            try:
-                tmp.rename(target)
-            except OSError:  # another process won the race; its copy is identical
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.chmod(0o755)  # readable like any directory, not 0700 as a temporary one is made
+
+        write_dir_atomic(target, build, replace=False)  # a race's loser keeps the winner's (identical) copy
     return str(target)
 
 
@@ -217,10 +211,10 @@ def build_student(source: str, out: Path, layers: int) -> str:
             state[f"{head}.layers.{keep.index(int(index))}.{tail}"] = tensor
     student.load_state_dict(state)
     student.generation_config = teacher.generation_config
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+
+    def save(tmp: Path) -> None:
+        student.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+
+    write_dir_atomic(out, save, staging=out.with_name(out.name + ".partial"))
     return str(out)

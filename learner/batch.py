@@ -1,7 +1,8 @@
 """What the learner consumes: ragged sequences plus per-sequence advantages, and their padding.
 
-The driver builds a `TrainBatch` from scored groups; each learner rank receives its shard and
-pads micro-batches itself (padding to the whole batch's longest sequence would waste compute).
+The driver builds a `TrainBatch` from scored groups and pads it to split evenly over the ranks
+(`pad_to_multiple`); each learner rank receives its shard and pads micro-batches itself
+(padding to the whole batch's longest sequence would waste compute).
 With shared prompts (`prompt_rows`, `pack`) a group's prompt runs once: its completions follow it
 in one row under a block attention mask, each seeing the prompt and itself only (the idea of
 Prefix Grouper, Liu et al. 2025), so logprobs and gradients equal those of the padded rows.
@@ -41,6 +42,18 @@ class TrainBatch:
 
     def lengths(self) -> list[int]:
         return [len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids)]
+
+
+def pad_to_multiple(batch: TrainBatch, multiple: int) -> tuple[TrainBatch, int]:
+    """Append zero-weight copies of the last sequence until len(batch) % multiple == 0 (a batch
+    splits evenly over ranks, or ranks × mini-batches); returns the batch and how many were added."""
+    extra = (-len(batch)) % multiple
+    if extra == 0:
+        return batch, 0
+    index = list(range(len(batch))) + [len(batch) - 1] * extra
+    padded = batch.select(index)
+    padded.loss_weights[len(batch):] = [0.0] * extra
+    return padded, extra
 
 
 @dataclass

@@ -11,8 +11,11 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from learner.batch import TrainBatch
+from learner.batch import TrainBatch, pad_to_multiple
+from learner.spec import LearnerSpec
 from learner.worker import LearnerWorker
+
+SHUTDOWN_GRACE_S = 30.0  # for the ranks to leave their process groups before they are killed
 
 
 class LearnerLost(RuntimeError):
@@ -20,12 +23,14 @@ class LearnerLost(RuntimeError):
 
 
 class LearnerGroup:
-    def __init__(self, num_ranks: int, actor_options: list[dict[str, Any]], **setup_kwargs: Any):
-        """`actor_options[r]` are Ray options for rank r (resources, scheduling strategy)."""
+    def __init__(self, num_ranks: int, actor_options: list[dict[str, Any]], spec: LearnerSpec):
+        """`actor_options[r]` are Ray options for rank r (resources, scheduling strategy); every rank
+        is set up from `spec` (kept as `self.spec`: what the ranks were told)."""
+        self.spec = spec
         remote = ray.remote(LearnerWorker)
         self.workers = [remote.options(**actor_options[r]).remote(r, num_ranks) for r in range(num_ranks)]
         master = ray.get(self.workers[0].address.remote())
-        ray.get([w.setup.remote(master, **setup_kwargs) for w in self.workers])
+        ray.get([w.setup.remote(master, spec) for w in self.workers])
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One update on a batch that splits evenly over the ranks; returns rank 0's metrics."""
@@ -43,8 +48,7 @@ class LearnerGroup:
     def _per_sequence(self, method: str, batch: TrainBatch, *args: Any) -> list:
         """Fan a per-sequence query out over the ranks (any batch size: padded, then trimmed)."""
         n = len(self.workers)
-        extra = (-len(batch)) % n
-        padded = batch.select(list(range(len(batch))) + [len(batch) - 1] * extra)
+        padded, _ = pad_to_multiple(batch, n)
         parts = self._get([getattr(w, method).remote(padded.shard(r, n), *args) for r, w in enumerate(self.workers)])
         return [x for part in parts for x in part][:len(batch)]
 
@@ -98,6 +102,9 @@ class LearnerGroup:
             ray.get(self.workers[0].drop_export.remote())
 
     def shutdown(self) -> None:
-        ray.get([w.shutdown.remote() for w in self.workers])
+        """Every rank leaves its groups (up to SHUTDOWN_GRACE_S), then every worker is killed: a dead
+        or hung rank does not keep the others alive."""
+        refs = [w.shutdown.remote() for w in self.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_GRACE_S)
         for w in self.workers:
             ray.kill(w)

@@ -49,13 +49,12 @@ dynamic sampling (keep only groups whose rewards are not all equal).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
-AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-KL_KINDS = ("k1", "k2", "k3")
-
+from learner.algos import KL_ESTIMATORS as KL_KINDS
+from learner.algos import LOSS_AGGREGATIONS as AGG_MODES
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -110,8 +109,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_by_std: bo
     return centered.reshape(-1)
 
 
-def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Leave-one-out advantages r_i - mean_{j != i} r_j. rewards [B] -> [B]."""
+def rloo_advantages(rewards: torch.Tensor, group_size: int, *, scale_by_std: bool = False) -> torch.Tensor:
+    """Leave-one-out advantages r_i - mean_{j != i} r_j. rewards [B] -> [B]. RLOO does not scale by
+    the std; `scale_by_std` is taken (and ignored) so every estimator has one signature."""
     r = _as_float(_groups(rewards, group_size))
     others_mean = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
     return (r - others_mean).reshape(-1)
@@ -129,10 +129,16 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int) -> to
     return pen.clamp(min=-1.0, max=0.0)
 
 
+def has_variance(rewards: Iterable[float]) -> bool:
+    """Whether a group's rewards differ: at least two distinct values among those that are not NaN
+    (a failed reward is NaN). The one test of "this group carries signal": DAPO's dynamic sampling
+    keeps such groups, `reward/zero_variance_groups` counts the others."""
+    return len({r for r in rewards if r == r}) > 1
+
+
 def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """DAPO dynamic sampling filter. rewards [B] -> bool [P], True where rewards differ."""
-    r = _groups(rewards, group_size)
-    return r.amax(dim=1) != r.amin(dim=1)
+    """DAPO dynamic sampling filter. rewards [B] -> bool [P], `has_variance` of each group."""
+    return torch.tensor([has_variance(row) for row in _groups(rewards, group_size).tolist()], dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """LearnerWorker: one rank of the learner world — an FSDP2-sharded causal LM and its optimizer.
 
-Each rank is a Ray actor (see `learner.group`). Ranks form one torch.distributed world (gloo on
-CPU, NCCL on GPU); the policy is sharded with FSDP2 (`fully_shard` per decoder layer, then the
-root), with bf16 compute / fp32 reductions on GPU and fp32 on CPU. One `train_step` consumes
+Each rank is a Ray actor (see `learner.group`), set up from one `learner.spec.LearnerSpec`.
+Ranks form one torch.distributed world (gloo on CPU, NCCL on GPU); the policy is sharded with
+FSDP2 (`fully_shard` per decoder layer, then the root), with bf16 compute / fp32 reductions on
+GPU and fp32 on CPU. One `train_step` consumes
 this rank's shard of a batch: optionally split into `num_minibatches` optimizer steps, each
 accumulated over micro-batches bounded by a token budget, so memory does not grow with the batch.
 
@@ -16,16 +17,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from common.models import resolve_on_node
-from learner.batch import Padded, TrainBatch, micro_batches, pad, prompt_rows, row_lengths
-from learner.logprobs import chunked_logprobs
+from learner.batch import Padded, TrainBatch, micro_batches
 from learner.batch import pack as pack_rows
+from learner.batch import pad, prompt_rows, row_lengths
+from learner.logprobs import chunked_logprobs
 from learner.objectives import Micro
+from learner.spec import LearnerSpec
 from learner.weights import TensorSpec, WeightTransport, checksum, make_transport, pack, plan_buckets
 
 log = logging.getLogger("raygrpo")
@@ -41,13 +43,9 @@ class LearnerWorker:
 
         return f"{ray.util.get_node_ip_address()}:{free_port()}"
 
-    def setup(self, master: str, *, model_path: str, objective: Any,
-                 lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, warmup_steps: int = 0,
-                 schedule: str = "constant", total_steps: int = 1, grad_clip: float = 1.0,
-                 micro_batch_tokens: int = 4096, num_minibatches: int = 1, temperature: float = 1.0,
-                 mixed_precision: bool = True, gradient_checkpointing: bool = False, seed: int = 0,
-                 cpu_threads: int = 1, reference: bool = False, logits_chunk: int = 0,
-                 share_prompts: bool = False) -> None:
+    def setup(self, master: str, spec: LearnerSpec) -> None:
+        """Join the ranks' world at `master` (rank 0's `address`), load the policy (and the reference
+        model when the objective wants one) and build the optimizer, all as `spec` says."""
         import ray
 
         rank, world_size = self.rank, self.world_size
@@ -57,23 +55,24 @@ class LearnerWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # Ray's CUDA_VISIBLE_DEVICES shows this rank one GPU
         else:
-            torch.set_num_threads(max(1, cpu_threads))
+            torch.set_num_threads(max(1, spec.cpu_threads))
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world_size)
-        self.model_path = model_path = resolve_on_node(model_path)
-        torch.manual_seed(seed)
-        self.objective, self.temperature, self.logits_chunk = objective, temperature, logits_chunk
-        self.grad_clip, self.micro_batch_tokens, self.num_minibatches = grad_clip, micro_batch_tokens, num_minibatches
-        mp = mixed_precision and self.device.type == "cuda"
+        self.model_path = model_path = resolve_on_node(spec.model_path)
+        torch.manual_seed(spec.seed)
+        self.objective, self.temperature, self.logits_chunk = spec.objective, spec.temperature, spec.logits_chunk
+        self.grad_clip, self.micro_batch_tokens = spec.grad_clip, spec.micro_batch_tokens
+        self.num_minibatches = spec.num_minibatches
+        mp = spec.mixed_precision and self.device.type == "cuda"
         if mp and not torch.cuda.is_bf16_supported():
             raise RuntimeError("this GPU has no bf16: set learner.mixed_precision=false (and model.dtype=float16)")
-        self.model = self._load(model_path, mp, gradient_checkpointing, trainable=True)
-        self.ref = self._load(model_path, mp, False, trainable=False) \
-            if objective.needs_reference or reference else None
+        self.model = self._load(model_path, mp, spec.gradient_checkpointing, trainable=True)
+        self.ref = self._load(model_path, mp, False, trainable=False) if spec.objective.needs_reference_model else None
         self.pad_id = self.model.config.pad_token_id or 0
-        self._choose_layout(share_prompts, torch.bfloat16 if mp else torch.float32)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self._choose_layout(spec.share_prompts, torch.bfloat16 if mp else torch.float32)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, betas=tuple(spec.betas),
+                                           weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(warmup_steps, schedule, total_steps * num_minibatches))
+            self.optimizer, _lr_lambda(spec.warmup_steps, spec.schedule, spec.total_steps * spec.num_minibatches))
         self.transport: WeightTransport | None = None
 
     def _load(self, path: str, mixed_precision: bool, checkpointing: bool, trainable: bool):
@@ -391,6 +390,11 @@ class LearnerWorker:
         shutil.rmtree(self.export, ignore_errors=True)
 
     def shutdown(self) -> None:
+        """Leave the weight-broadcast group (its end of the weight sync: an NCCL communicator is
+        aborted, not left waiting on engines already gone), then this rank's world."""
+        if getattr(self, "transport", None) is not None:
+            self.transport.close()
+            self.transport = None
         if dist.is_initialized():
             dist.destroy_process_group()
 

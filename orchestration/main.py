@@ -1,5 +1,6 @@
-"""`raygrpo` entry point (Hydra): validate, read the data, start Ray, run the stage (`stages.py`:
-train, eval, sft, distill, rejection_sampling) or the stages of a pipeline (`pipeline.py`).
+"""`raygrpo` entry point (Hydra): validate, read the data, start Ray, run the stage
+(`orchestration/stages/`: train, eval, sft, distill, rejection_sampling) or the stages of a
+pipeline (`stages/pipeline.py`).
 
 User errors (bad config, missing model, a topology the cluster cannot hold, an unknown preset,
 Hydra's own composition errors) print one line and exit with status 2 (`USER_ERROR`) before any
@@ -43,7 +44,8 @@ def run(cfg: DictConfig) -> None:
     import ray
 
     from orchestration import stages
-    from orchestration.cluster import placement as cluster, plan
+    from orchestration.cluster import placement, plan
+    from orchestration.config.stages import STAGES
 
     if cfg.stage == "pipeline":
         from orchestration.stages import pipeline
@@ -51,14 +53,14 @@ def run(cfg: DictConfig) -> None:
         pipeline.run(cfg)
         return
     prepared = stages.prepare(cfg)  # reads the data: unusable data stops the run before Ray starts
-    roles = stages.ROLES[cfg.stage]
+    roles = STAGES[cfg.stage].roles
     if cfg.dry_run and cfg.topology.plan_nodes:  # a cluster that is not there: plan only
         print(plan.describe_plan(cfg, roles))
         return
-    cluster.start_ray(cfg)
+    placement.start_ray(cfg)
     try:
         if cfg.dry_run:
-            print(cluster.place(cfg, roles).describe(), flush=True)
+            print(placement.place(cfg, roles).describe(), flush=True)
             print("\n".join(plan.memory_lines(cfg)))
             return
         outcome = stages.run(cfg, prepared)

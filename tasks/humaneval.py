@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from common.files import write_atomic
 from common.models import cache_root, package_file
 
 INSTRUCTION = ("Complete the following Python function. Reply with the whole function, imports included, "
@@ -48,11 +47,7 @@ def jsonl_path() -> Path:
     """The converted JSONL in the cache, written on first use (atomically: a rename into place)."""
     target = cache_root() / "datasets" / "humaneval.jsonl"
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(source_path(), "rt", encoding="utf-8") as f:
             rows = [convert(json.loads(line)) for line in f if line.strip()]
-        fd, tmp = tempfile.mkstemp(prefix=".humaneval-", suffix=".jsonl", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, target)
+        write_atomic(target, "".join(json.dumps(r) + "\n" for r in rows))
     return target

@@ -14,7 +14,8 @@ from actors.scoring import Score
 from actors.types import Completion, Group, Prompt
 from learner.batch import TrainBatch, micro_batches, pad
 from learner.objectives import GRPOObjective, Micro, SFTObjective
-from orchestration.train.batching import build_batch, pad_to_multiple
+from learner.batch import pad_to_multiple
+from orchestration.train.batching import build_batch
 
 GRPO = SimpleNamespace(advantage="grpo", scale_by_std=True)
 DR_GRPO = SimpleNamespace(advantage="grpo", scale_by_std=False)

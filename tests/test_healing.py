@@ -20,6 +20,7 @@ import pytest
 import ray.cloudpickle
 
 from actors.rollout import RolloutActor
+from actors.spec import EngineSpec
 from actors.types import Completion, GenerateResult, Group, Prompt, SamplingSpec
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
@@ -59,13 +60,13 @@ def rollout_cfg():
 class FakeEngine:
     """Answers like a RolloutActor without vLLM; fails its first `fail_starts` starts (counted in a file)."""
 
-    def __init__(self, model: str, *, seed: int = 0, engine_bundles=None, fail_starts: int = 0, counter: str = "", **_):
+    def __init__(self, spec: EngineSpec, *, fail_starts: int = 0, counter: str = ""):
         if counter:
             n = int(open(counter).read()) if os.path.exists(counter) else 0
             open(counter, "w").write(str(n + 1))
             if n < fail_starts:
                 raise RuntimeError(f"engine failed to start (try {n + 1})")
-        self.seed = seed
+        self.seed = spec.seed
 
     def ready(self) -> bool:
         return True
@@ -82,11 +83,11 @@ class FakeEngine:
             yield GenerateResult([Group(p, [1], [Completion([1], [0.0], "stop", "x")], version=self.seed)])
 
 
-def fake_pool(ray, n: int, more=None, **kwargs):
+def fake_pool(ray, n: int, more=None, colocated: bool = False):
     from orchestration.cluster.pools import RolloutPool
 
-    return RolloutPool.start([{"num_cpus": 0.1}] * n, "none", STREAM_TIMEOUT_S, more=more, actor_cls=FakeEngine,
-                             start_timeout_s=30.0, **kwargs)
+    return RolloutPool.start([{"num_cpus": 0.1}] * n, EngineSpec("none", colocated=colocated), STREAM_TIMEOUT_S,
+                             more=more, actor_cls=FakeEngine, start_timeout_s=30.0)
 
 
 def test_fake_pool_grows_on_new_placements_shrinks_and_replaces_on_freed_slots(ray_local):
@@ -132,12 +133,12 @@ def test_engine_that_fails_to_start_is_retried_then_given_up(ray_local, tmp_path
     pool = fake_pool(ray_local, 1, more=lambda slot: ({"num_cpus": 0.1}, []))
     try:
         counter = str(tmp_path / "starts")
-        pool.launcher.engine_kwargs.update(fail_starts=2, counter=counter)
+        pool.launcher.actor_kwargs.update(fail_starts=2, counter=counter)
         pool.resize(2)
         wait_for(lambda: pool.admit() or pool.fresh, 30, "the engine after two failed starts")
         assert pool.failed_starts == 2 and pool.fresh[0].attempt == 3 and open(counter).read() == "3"
         pool.resize(1)
-        pool.launcher.engine_kwargs.update(fail_starts=100)
+        pool.launcher.actor_kwargs.update(fail_starts=100)
         pool.resize(2)
         wait_for(lambda: (pool.admit(), not pool.joining)[1], 30, "giving up")
         assert pool.failed_starts == 2 + MAX_START_ATTEMPTS and not pool.fresh and len(pool.actors) == 1
@@ -218,16 +219,18 @@ def _receive_first_bucket(worker) -> None:
 def healing(ray_local, tiny_model):
     from learner.group import LearnerGroup
     from learner.objectives import SFTObjective
+    from learner.spec import LearnerSpec
     from orchestration.cluster.placement import extra_rollout_slot
     from orchestration.cluster.pools import RolloutPool
     from orchestration.cluster.weight_sync import WeightSync
 
-    learner = LearnerGroup(1, [{"num_cpus": 1}], model_path=tiny_model, objective=SFTObjective(), lr=1e-2,
-                           total_steps=10, micro_batch_tokens=256, temperature=1.0, grad_clip=1.0)
-    pool = RolloutPool.start([{"num_cpus": 1}] * 2, tiny_model, STREAM_TIMEOUT_S,
+    learner = LearnerGroup(1, [{"num_cpus": 1}], LearnerSpec(model_path=tiny_model, objective=SFTObjective(), lr=1e-2,
+                                                             total_steps=10, micro_batch_tokens=256, temperature=1.0,
+                                                             grad_clip=1.0))
+    engines = EngineSpec(tiny_model, dtype="float32", seed=0, max_model_len=256, max_prompt_tokens=64)
+    pool = RolloutPool.start([{"num_cpus": 1}] * 2, engines, STREAM_TIMEOUT_S,
                              more=extra_rollout_slot(rollout_cfg()), actor_cls=Armable,
-                             start_timeout_s=START_TIMEOUT_S, dtype="float32", seed=0, max_model_len=256,
-                             max_prompt_tokens=64)
+                             start_timeout_s=START_TIMEOUT_S)
     sync = WeightSync(learner, pool, backend="gloo", dtype="float32", bucket_mb=1, timeout_s=SYNC_TIMEOUT_S)
     yield SimpleNamespace(learner=learner, pool=pool, sync=sync)
     pids = [ray_local.get(a.pid.remote()) for a, _ in pool.members()]
@@ -364,8 +367,8 @@ def test_e_multiprocess_engine_stops_its_processes_on_shutdown(ray_local, tiny_m
     from orchestration.cluster.pools import stop_actors
 
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}}
-    actor = ray_local.remote(num_cpus=1, runtime_env=env)(Armable).remote(tiny_model, dtype="float32",
-                                                                           max_model_len=256)
+    actor = ray_local.remote(num_cpus=1, runtime_env=env)(Armable).remote(EngineSpec(tiny_model, dtype="float32",
+                                                                                      max_model_len=256))
     try:
         pid = ray_local.get(actor.pid.remote())
         children = psutil.Process(pid).children(recursive=True)

@@ -20,17 +20,20 @@ TEMPERATURE = 0.8
 
 def make_group(ray, tiny_model, objective, lr):
     from learner.group import LearnerGroup
+    from learner.spec import LearnerSpec
 
     opts = [{"num_cpus": 1}] * 2
-    return LearnerGroup(2, opts, model_path=tiny_model, objective=objective, lr=lr, total_steps=10,
-                        micro_batch_tokens=64, temperature=TEMPERATURE, grad_clip=1.0, logits_chunk=16)
+    return LearnerGroup(2, opts, LearnerSpec(model_path=tiny_model, objective=objective, lr=lr, total_steps=10,
+                                             micro_batch_tokens=64, temperature=TEMPERATURE, grad_clip=1.0,
+                                             logits_chunk=16))
 
 
 @pytest.fixture(scope="module")
 def engine(ray_local, tiny_model):
     from actors.rollout import RolloutActor
+    from actors.spec import EngineSpec
 
-    actor = ray_local.remote(num_cpus=1)(RolloutActor).remote(tiny_model, dtype="float32", seed=3)
+    actor = ray_local.remote(num_cpus=1)(RolloutActor).remote(EngineSpec(tiny_model, dtype="float32", seed=3))
     ray_local.get(actor.ready.remote())
     yield actor
     ray_local.kill(actor)

@@ -46,8 +46,9 @@ def test_greedy_generation_identical_in_transformers_and_vllm(ray_local, smollm2
     from transformers import AutoModelForCausalLM
 
     from actors.rollout import RolloutActor
+    from actors.spec import EngineSpec
 
-    engine = ray_local.remote(num_cpus=1)(RolloutActor).remote(smollm2, dtype="float32", max_model_len=256)
+    engine = ray_local.remote(num_cpus=1)(RolloutActor).remote(EngineSpec(smollm2, dtype="float32", max_model_len=256))
     try:
         prompts = [Prompt(str(i), p) for i, p in enumerate(PROMPTS)]
         result = ray_local.get(engine.generate.remote(prompts, SamplingSpec(n=1, temperature=0.0, max_tokens=16)))

@@ -17,9 +17,10 @@ GREEDY = SamplingSpec(n=1, temperature=0.0, max_tokens=12)
 @pytest.fixture(scope="module")
 def engine(ray_local, tiny_model):
     from actors.rollout import RolloutActor
+    from actors.spec import EngineSpec
 
-    actor = ray_local.remote(num_cpus=1)(RolloutActor).remote(tiny_model, dtype="float32", seed=0,
-                                                                max_prompt_tokens=40)
+    actor = ray_local.remote(num_cpus=1)(RolloutActor).remote(EngineSpec(tiny_model, dtype="float32", seed=0,
+                                                                           max_prompt_tokens=40))
     ray_local.get(actor.ready.remote())
     yield actor
     ray_local.kill(actor)

@@ -117,13 +117,15 @@ def test_chunked_logprobs_with_an_index_equal_gathering_first(chunk):
 @pytest.fixture(scope="module")
 def worker(tiny_model):
     """One fp32 rank in this process (one process group per process: shared by the module's tests)."""
+    from learner.spec import LearnerSpec
     from learner.worker import LearnerWorker, free_port
 
     w = LearnerWorker(0, 1)
     with mock.patch("ray.get_gpu_ids", return_value=[]):  # no Ray here: the CPU
-        w.setup(f"127.0.0.1:{free_port()}", model_path=tiny_model, lr=1e-3, micro_batch_tokens=BUDGET,
-                objective=GRPOObjective(kl_coef=0.1, entropy_coef=0.01), temperature=0.8, logits_chunk=5,
-                cpu_threads=torch.get_num_threads(), share_prompts=True)
+        w.setup(f"127.0.0.1:{free_port()}", LearnerSpec(
+            model_path=tiny_model, lr=1e-3, micro_batch_tokens=BUDGET,
+            objective=GRPOObjective(kl_coef=0.1, entropy_coef=0.01), temperature=0.8, logits_chunk=5,
+            cpu_threads=torch.get_num_threads(), share_prompts=True))
     assert w.share_prompts  # tiny Qwen2 runs sdpa
     yield w
     w.shutdown()

@@ -18,32 +18,15 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping
-from typing import Callable, Iterator
+from typing import Callable
+
+from common.registry import LazyRegistry
 
 RewardFn = Callable[..., float]
 CONTEXT = ("prompt", "metadata")  # keyword arguments a reward function may ask for
 
 
-class LazyRegistry(Mapping):
-    """name -> function, each given as `module:attribute` and imported on first lookup: importing the
-    registry (config validation, the driver) imports no reward's dependencies (math-verify, sympy)."""
-
-    def __init__(self, paths: dict[str, str]):
-        self.paths, self.loaded = dict(paths), {}
-
-    def __getitem__(self, name: str) -> Callable:
-        if name not in self.loaded:
-            module, _, attr = self.paths[name].partition(":")  # KeyError for an unknown name
-            self.loaded[name] = getattr(importlib.import_module(module), attr)
-        return self.loaded[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
+# Imported on first use (common.registry): importing this registry imports no reward's dependencies.
 REWARDS: Mapping[str, RewardFn] = LazyRegistry({
     "accuracy": "actors.rewards.math:accuracy",
     "accuracy_strict": "actors.rewards.math:accuracy_strict",

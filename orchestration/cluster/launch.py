@@ -1,30 +1,64 @@
 """Starting and stopping the actors of every stage: rollout engines, reward workers, the learner
-group and the weight sync between them, from the run's config (the only module that does)."""
+group and the weight sync between them, from the run's config (the only module that does).
+
+The settings that cross into the actors are built here once, as frozen specs: `EngineSpec`
+(`engine_spec`) for the engines, `LearnerSpec` (`learner_spec`) for the learner ranks, with the
+objective (`GRPOObjective.from_config`, or a stage's own). Every stage holds what it started in
+one `Actors` and stops it with `Actors.shutdown` (or `with`) before its placement is released.
+"""
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import ray
 
+from actors.spec import EngineSpec
 from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
+from learner.spec import LearnerSpec
 from orchestration.cluster.placement import Placement, extra_rollout_slot
-from orchestration.cluster.pools import RewardPool, RolloutPool
+from orchestration.cluster.pools import RewardPool, RolloutPool, _why
 from orchestration.cluster.weight_sync import WeightSync
 from orchestration.config.gpu_layout import sync_backend
 from orchestration.config.recipe import reward_settings
 
+log = logging.getLogger("raygrpo")
+
 
 @dataclass
 class Actors:
-    rollout: RolloutPool
-    rewards: RewardPool
-    learner: LearnerGroup
-    sync: WeightSync
+    """What a stage started (None: a kind it does not use, or not started yet)."""
+
+    rollout: RolloutPool | None = None
+    rewards: RewardPool | None = None
+    learner: LearnerGroup | None = None
+    sync: WeightSync | None = None  # holds no actor of its own: its group's ends are the ranks and engines
     colocated: bool = False  # engine i and learner rank i share a device
+
+    def __enter__(self) -> "Actors":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop what was started, each kind once, whatever the others do: the engines (each stops its
+        vLLM processes before its actor is killed), the reward actors (each its reward process),
+        then the learner ranks (each leaves the weight-broadcast group and its world). A part that
+        fails to stop is logged and skipped: its actors go with the placement, released next."""
+        parts = (("rollout", self.rollout), ("reward", self.rewards), ("learner", self.learner))
+        self.rollout = self.rewards = self.learner = self.sync = None
+        for name, part in parts:
+            if part is None:
+                continue
+            try:
+                part.shutdown()
+            except Exception as err:  # noqa: BLE001 - a dead or hung part must not keep the others up
+                log.error("stopping the %s actors failed (%s); they go with their placement", name, _why(err))
 
     def to_learner(self) -> None:
         """Colocated: the engines sleep and the learner takes the device back (no-op otherwise)."""
@@ -50,52 +84,69 @@ def engine_dtype(cfg: Any) -> str:
     return "bfloat16" if cfg.topology.rollout_gpus > 0 else "float32"
 
 
+def engine_spec(cfg: Any) -> EngineSpec:
+    """What every engine of the run is started with (the pool gives slot i seed + i, its bundles)."""
+    r = cfg.rollout
+    return EngineSpec(model=cfg.model.path, gpu=cfg.topology.rollout_gpus > 0, colocated=cfg.topology.colocate,
+                      dtype=engine_dtype(cfg), seed=cfg.seed, max_model_len=cfg.model.max_model_len,
+                      max_prompt_tokens=r.max_prompt_tokens, tensor_parallel_size=r.tensor_parallel_size,
+                      gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
+
+
 def start_rollout(cfg: Any, placement: Placement) -> RolloutPool:
     """The engines; each resolves `model.path` on its own node."""
-    r = cfg.rollout
-    return RolloutPool.start(placement.options["rollout"], cfg.model.path, r.timeout_s, placement.engine_bundles,
-                             more=extra_rollout_slot(cfg),  # placement for engines added during the run
-                             gpu=cfg.topology.rollout_gpus > 0, colocated=cfg.topology.colocate,
-                             dtype=engine_dtype(cfg), seed=cfg.seed,
-                             max_model_len=cfg.model.max_model_len, max_prompt_tokens=r.max_prompt_tokens,
-                             tensor_parallel_size=r.tensor_parallel_size,
-                             gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
+    return RolloutPool.start(placement.options["rollout"], engine_spec(cfg), cfg.rollout.timeout_s,
+                             placement.engine_bundles,
+                             more=extra_rollout_slot(cfg))  # placement for engines added during the run
 
 
-def start_learner(cfg: Any, placement: Placement, model_path: str, objective: Any, total_steps: int,
-                  **extra: Any) -> LearnerGroup:
-    """The learner group on `model_path` with `learner.*` settings; `extra`: the stage's own."""
+def start_rewards(cfg: Any, placement: Placement) -> RewardPool:
+    """The reward actors, scoring with `reward.*`."""
+    return RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s, reward_settings(cfg),
+                      pass_env(cfg))
+
+
+def learner_spec(cfg: Any, model_path: str, objective: Any, total_steps: int, **stage: Any) -> LearnerSpec:
+    """The learner ranks' settings: `learner.*`, `model.gradient_checkpointing`, `seed` and the
+    learner's CPUs; `stage`: the fields only a stage sets (train: num_minibatches, temperature)."""
     l = cfg.learner
-    return LearnerGroup(
-        l.num_ranks, placement.options["learner"], model_path=model_path, objective=objective, lr=l.lr,
-        betas=tuple(l.betas), weight_decay=l.weight_decay, warmup_steps=l.warmup_steps, schedule=l.schedule,
-        total_steps=total_steps, grad_clip=l.grad_clip, micro_batch_tokens=l.micro_batch_tokens,
-        mixed_precision=l.mixed_precision, gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
+    return LearnerSpec(
+        model_path=model_path, objective=objective, lr=l.lr, betas=tuple(l.betas), weight_decay=l.weight_decay,
+        warmup_steps=l.warmup_steps, schedule=l.schedule, total_steps=total_steps, grad_clip=l.grad_clip,
+        micro_batch_tokens=l.micro_batch_tokens, mixed_precision=l.mixed_precision,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
         cpu_threads=max(1, int(cfg.topology.learner_cpus)), logits_chunk=l.logits_chunk_tokens,
-        share_prompts=l.share_prompts, **extra)
+        share_prompts=l.share_prompts, **stage)
+
+
+def start_learner(cfg: Any, placement: Placement, spec: LearnerSpec) -> LearnerGroup:
+    """The learner group: `learner.num_ranks` ranks, each set up from `spec`."""
+    return LearnerGroup(cfg.learner.num_ranks, placement.options["learner"], spec)
 
 
 def start_actors(cfg: Any, placement: Placement) -> Actors:
-    r, l, a = cfg.rollout, cfg.learner, cfg.algo
-    rollout = start_rollout(cfg, placement)
-    if cfg.topology.colocate:
-        ray.get(rollout.call("sleep"))  # the learner loads onto the shared devices next
-    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s, reward_settings(cfg),
-                         pass_env(cfg))
-    kl_in_loss = a.kl_coef if a.kl_in == "loss" else 0.0
-    objective = GRPOObjective(loss=a.loss, clip_low=a.clip_low, clip_high=a.clip_high, agg=a.loss_agg,
-                              max_tokens=r.max_new_tokens, kl_coef=kl_in_loss, kl_estimator=a.kl_estimator,
-                              entropy_coef=a.entropy_coef, is_cap=a.is_cap,
-                              off_policy=a.old_logprobs if r.max_staleness > 0 else "")
-    learner = start_learner(cfg, placement, cfg.model.path, objective, cfg.steps, num_minibatches=l.num_minibatches,
-                            temperature=r.temperature, reference=a.kl_in == "reward" and a.kl_coef > 0)
-    sync = WeightSync(learner, rollout, backend=sync_backend(cfg), dtype=engine_dtype(cfg), bucket_mb=cfg.sync.bucket_mb,
-                      timeout_s=cfg.sync.timeout_s, workers_per_engine=r.tensor_parallel_size)
-    sync.connect()
-    if cfg.topology.colocate:
-        learner.offload()  # the engines generate first
-        ray.get(rollout.call("wake_up"))
-    return Actors(rollout, rewards, learner, sync, colocated=cfg.topology.colocate)
+    """Every actor of a train stage, connected; if one part fails to start, the others are stopped."""
+    r, a = cfg.rollout, cfg.algo
+    actors = Actors(colocated=cfg.topology.colocate)
+    try:
+        actors.rollout = rollout = start_rollout(cfg, placement)
+        if cfg.topology.colocate:
+            ray.get(rollout.call("sleep"))  # the learner loads onto the shared devices next
+        actors.rewards = start_rewards(cfg, placement)
+        spec = learner_spec(cfg, cfg.model.path, GRPOObjective.from_config(a, r), cfg.steps,
+                            num_minibatches=cfg.learner.num_minibatches, temperature=r.temperature)
+        actors.learner = learner = start_learner(cfg, placement, spec)
+        actors.sync = WeightSync(learner, rollout, backend=sync_backend(cfg), dtype=engine_dtype(cfg),
+                                 bucket_mb=cfg.sync.bucket_mb, timeout_s=cfg.sync.timeout_s,
+                                 workers_per_engine=r.tensor_parallel_size)
+        actors.sync.connect()
+        if cfg.topology.colocate:
+            learner.offload()  # the engines generate first
+            ray.get(rollout.call("wake_up"))
+    except BaseException:
+        actors.shutdown()
+        raise
+    return actors
 
 
 def pass_env(cfg: Any) -> tuple[str, ...]:

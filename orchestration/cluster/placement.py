@@ -29,10 +29,10 @@ from ray._private import ray_constants
 from ray.util.placement_group import placement_group, placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestration.config import ConfigError
 from common.files import write_secret
-from orchestration.cluster.plan import ALL_ROLES as ROLES
 from orchestration.cluster.plan import role_bundle, tp_engine_bundles, validate_resources
+from orchestration.config import ConfigError
+from orchestration.config.stages import ROLES
 
 log = logging.getLogger("raygrpo")
 LOOPBACK = "127.0.0.1"

@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import ConfigError, check
+from orchestration.config.stages import ROLES  # every actor kind, in placement order
 
 GIB = 1 << 30
 ENGINE_OVERHEAD_GIB = 1.0
 LOW_KV_CACHE_GIB = 2.0
-
-
-ALL_ROLES = ("rollout", "learner", "reward")
 
 
 def role_bundle(cfg: Any, role: str) -> tuple[int, dict[str, float]]:
@@ -46,7 +44,7 @@ def role_bundle(cfg: Any, role: str) -> tuple[int, dict[str, float]]:
     return count, {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **dict(extra)}
 
 
-def required_resources(cfg: Any, roles: tuple[str, ...] = ALL_ROLES) -> dict[str, float]:
+def required_resources(cfg: Any, roles: tuple[str, ...] = ROLES) -> dict[str, float]:
     """Logical Ray resources the topology asks for, summed over the actors of `roles`."""
     need: dict[str, float] = {}
     for role in roles:
@@ -58,7 +56,7 @@ def required_resources(cfg: Any, roles: tuple[str, ...] = ALL_ROLES) -> dict[str
     return {k: v for k, v in need.items() if v > 0}
 
 
-def validate_resources(cfg: Any, available: dict[str, float], roles: tuple[str, ...] = ALL_ROLES) -> None:
+def validate_resources(cfg: Any, available: dict[str, float], roles: tuple[str, ...] = ROLES) -> None:
     """Check the topology against the Ray cluster's logical resources (`ray.cluster_resources()`)."""
     for key, amount in required_resources(cfg, roles).items():
         have = available.get(key, 0.0)

@@ -24,7 +24,8 @@ RewardPool spreads groups over reward actors; a dead reward actor's share is re-
 and a replacement starts on its placement. Per-sample failures (raise, timeout) come back as
 `failed` scores from the Scorer.
 
-`stop_actors` shuts engines down gracefully (vLLM stops its engine processes) before killing them.
+`stop_actors` shuts engines down gracefully (vLLM stops its engine processes) before killing them;
+both pools' `shutdown` stops every actor they hold (see `launch.Actors.shutdown`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import ray
@@ -40,6 +41,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.rollout import RolloutActor
 from actors.scoring import Score, Scorer
+from actors.spec import EngineSpec
 from actors.types import GenerateResult, Group, Prompt, SamplingSpec, ScoreRequest
 from tasks.base import Problem
 
@@ -69,13 +71,14 @@ def _why(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1][:200]}" if lines else type(err).__name__
 
 
-def stop_actors(actors: list, grace_s: float = SHUTDOWN_GRACE_S) -> None:
-    """Ask each actor to `shutdown()` (after its queued work), wait up to `grace_s`, then kill them all."""
+def stop_actors(actors: list, grace_s: float = SHUTDOWN_GRACE_S, method: str = "shutdown") -> None:
+    """Ask each actor to stop its own processes (`method`, after its queued work), wait up to
+    `grace_s`, then kill them all."""
     refs = []
     for actor in actors:
         try:
-            refs.append(actor.shutdown.remote())
-        except Exception:  # noqa: BLE001 - a test double without `shutdown`, or a dead handle
+            refs.append(getattr(actor, method).remote())
+        except Exception:  # noqa: BLE001 - a test double without `method`, or a dead handle
             pass
     if refs:
         ray.wait(refs, num_returns=len(refs), timeout=grace_s)
@@ -84,14 +87,16 @@ def stop_actors(actors: list, grace_s: float = SHUTDOWN_GRACE_S) -> None:
 
 
 class Launcher:
-    """Starts RolloutActors on placement slots: slot i has fixed Ray options, engine bundles and seed."""
+    """Starts RolloutActors on placement slots: slot i has fixed Ray options, engine bundles and seed
+    (`spec` with seed + i and the slot's bundles). `actor_kwargs`: keyword arguments for `actor_cls`
+    beyond the spec (a test double's own)."""
 
-    def __init__(self, actor_cls: type, model: str, placements: list[tuple[dict[str, Any], list[int]]],
-                 more: More | None, seed: int, engine_kwargs: dict[str, Any]):
+    def __init__(self, actor_cls: type, spec: EngineSpec, placements: list[tuple[dict[str, Any], list[int]]],
+                 more: More | None, actor_kwargs: dict[str, Any]):
         self.remote = ray.remote(actor_cls)
-        self.model, self.placements, self.more = model, list(placements), more
+        self.spec, self.placements, self.more = spec, list(placements), more
         self.initial = len(self.placements)
-        self.seed, self.engine_kwargs = seed, dict(engine_kwargs)
+        self.actor_kwargs = dict(actor_kwargs)
 
     def start(self, slot: int):
         """A new actor on `slot` (placing new slots through `more`); returns at once."""
@@ -100,8 +105,8 @@ class Launcher:
                 raise ValueError(f"no placement for rollout slot {slot}: the pool was started without `more`")
             self.placements.append(self.more(len(self.placements)))
         options, bundles = self.placements[slot]
-        return self.remote.options(**options).remote(self.model, seed=self.seed + slot, engine_bundles=bundles,
-                                                      **self.engine_kwargs)
+        spec = replace(self.spec, seed=self.spec.seed + slot, engine_bundles=tuple(bundles))
+        return self.remote.options(**options).remote(spec, **self.actor_kwargs)
 
     def can_place(self, slot: int) -> bool:
         return slot < len(self.placements) or self.more is not None
@@ -148,18 +153,21 @@ class RolloutPool:
         self.lock = threading.RLock()
 
     @classmethod
-    def start(cls, options: list[dict[str, Any]], model: str, timeout_s: float,
+    def start(cls, options: list[dict[str, Any]], spec: EngineSpec, timeout_s: float,
               engine_bundles: list[list[int]] | None = None, more: More | None = None, *,
-              actor_cls: type = RolloutActor, start_timeout_s: float = 900.0, **engine_kwargs: Any):
-        """Start one actor per entry of `options` (slot i) and wait until every engine is up. `more(slot)`
-        places slots beyond these (see `cluster.extra_rollout_slot`) for growth and replacements."""
-        seed = engine_kwargs.pop("seed", 0)
+              actor_cls: type = RolloutActor, start_timeout_s: float = 900.0, **actor_kwargs: Any):
+        """Start one actor per entry of `options` (slot i; see `Launcher`) and wait until every engine
+        is up (if one fails, the others are stopped). `more(slot)` places slots beyond these (see
+        `placement.extra_rollout_slot`) for growth and replacements."""
         placements = list(zip(options, engine_bundles or [[] for _ in options]))
-        launcher = Launcher(actor_cls, model, placements, more, seed, engine_kwargs)
+        launcher = Launcher(actor_cls, spec, placements, more, actor_kwargs)
         actors = [launcher.start(slot) for slot in range(len(options))]
-        ray.get([a.ready.remote() for a in actors])
-        return cls(actors, timeout_s, launcher=launcher, colocated=bool(engine_kwargs.get("colocated")),
-                   start_timeout_s=start_timeout_s)
+        try:
+            ray.get([a.ready.remote() for a in actors])
+        except BaseException:
+            stop_actors(actors)
+            raise
+        return cls(actors, timeout_s, launcher=launcher, colocated=spec.colocated, start_timeout_s=start_timeout_s)
 
     # ---- generation
 
@@ -429,6 +437,12 @@ class RewardPool:
             self.lost += 1
             self.replaced += 1
         log.error("reward actor %d died; a replacement is starting on its placement", i)
+
+    def shutdown(self) -> None:
+        """Stop every reward actor: each stops its reward process (`Scorer.close`), then it is killed."""
+        with self.lock:
+            actors, self.actors = self.actors, []
+        stop_actors(actors, method="close")
 
 
 @dataclass

@@ -5,7 +5,8 @@ overrides. `validate()` checks everything that can be checked without a Ray clus
 `ConfigError` with one clear sentence; `validate_resources()` checks the topology against the
 logical resources of the Ray cluster we connected to, still before any actor starts.
 
-This module imports only the standard library and omegaconf/hydra, so it loads fast in tests.
+This module imports only the standard library, omegaconf/hydra and the names of the algorithm
+registries (`learner.algos`, torch-free), so it loads fast in tests.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from omegaconf import MISSING
 
 from common.errors import ConfigError, check
 from common.models import check_model_path
+from common.registry import one_of
+from learner.algos import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SURROGATES
 from orchestration.config.gpu_layout import validate_gpus
-
 from orchestration.config.recipe import (DistillConfig, PipelineConfig, ReasoningConfig, RejectionConfig, SFTConfig,
                                          validate_recipe)
 
@@ -439,15 +441,14 @@ def validate(cfg: Any) -> None:
     check(0 < a.clip_low < 1, f"algo.clip_low must be in (0, 1), got {a.clip_low}")
     check(a.clip_high > 0, f"algo.clip_high must be > 0, got {a.clip_high}")
     check(a.kl_coef >= 0, f"algo.kl_coef must be >= 0, got {a.kl_coef}")
-    check(a.kl_estimator in ("k1", "k2", "k3"), f"algo.kl_estimator must be k1, k2 or k3, got {a.kl_estimator!r}")
+    check(a.kl_estimator in KL_ESTIMATORS, f"algo.kl_estimator must be {one_of(KL_ESTIMATORS)}, got {a.kl_estimator!r}")
     check(a.kl_in in ("loss", "reward"), f"algo.kl_in must be loss or reward, got {a.kl_in!r}")
     check(0 <= a.overlong_buffer < r.max_new_tokens,
            f"algo.overlong_buffer must be in [0, rollout.max_new_tokens={r.max_new_tokens}), got {a.overlong_buffer}")
     check(a.max_sampling_rounds >= 1, f"algo.max_sampling_rounds must be >= 1, got {a.max_sampling_rounds}")
-    check(a.advantage in ("grpo", "rloo"), f"algo.advantage must be grpo or rloo, got {a.advantage!r}")
-    check(a.loss in ("ppo", "gspo"), f"algo.loss must be ppo or gspo, got {a.loss!r}")
-    check(a.loss_agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"),
-           f"algo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {a.loss_agg!r}")
+    check(a.advantage in ADVANTAGES, f"algo.advantage must be {one_of(ADVANTAGES)}, got {a.advantage!r}")
+    check(a.loss in SURROGATES, f"algo.loss must be {one_of(SURROGATES)}, got {a.loss!r}")
+    check(a.loss_agg in LOSS_AGGREGATIONS, f"algo.loss_agg must be {one_of(LOSS_AGGREGATIONS)}, got {a.loss_agg!r}")
     check(r.max_staleness >= 0, f"rollout.max_staleness must be >= 0, got {r.max_staleness}")
     check(r.max_staleness == 0 or not cfg.topology.colocate,
            "rollout.max_staleness > 0 overlaps generation with training, but topology.colocate puts engines and "

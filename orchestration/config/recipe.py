@@ -1,7 +1,7 @@
 """Configuration of the DeepSeek-R1 recipe's stages (`stage=sft|distill|rejection_sampling|pipeline`)
 and of the reasoning metrics: fields, defaults and meaning, defined once here (part of `Config`).
 
-Standard library and omegaconf only (and the pure reasoning metrics, whose markers are the default).
+Standard library and omegaconf only. The stages themselves are listed in `orchestration.config.stages`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from orchestration.config.stages import STAGES
 
-STAGES = ("train", "eval", "sft", "distill", "rejection_sampling", "pipeline")
+PIPELINE_STAGES = tuple(name for name in STAGES if name != "pipeline")  # what a pipeline stage may run
 REFLECTION_MARKERS = ("wait", "verify", "check again", "mistake", "let me check", "double-check", "re-check")  # reasoning.reflection_markers' default
 STAGE_REF = "stage:"  # a pipeline setting `stage:<name>` is that stage's output (policy dir or data file)
 
@@ -146,8 +147,8 @@ def validate_recipe(cfg: Any, check: Any) -> None:
         check(len(p.stages) > 0, "stage=pipeline needs pipeline.stages (see conf/experiment/r1_cpu.yaml)")
         names: list[str] = []
         for spec in p.stages:
-            check(spec.stage in STAGES and spec.stage != "pipeline",
-                  f"pipeline stage {spec.name!r}: stage must be one of {', '.join(STAGES[:-1])}, got {spec.stage!r}")
+            check(spec.stage in PIPELINE_STAGES, f"pipeline stage {spec.name!r}: stage must be one of "
+                                                 f"{', '.join(PIPELINE_STAGES)}, got {spec.stage!r}")
             check(bool(spec.name) and "/" not in spec.name and spec.name not in names,
                   f"pipeline stage names must be distinct directory names, got {spec.name!r}")
             for key, value in spec.set.items():

@@ -1,12 +1,6 @@
 """What one `raygrpo stage=...` run does, on one set of actor types; a pipeline runs several in turn.
 
-| stage                | actors                  | reads                          | writes (under output_dir)        |
-|----------------------|-------------------------|--------------------------------|----------------------------------|
-| `train` (GRPO)       | rollout, reward, learner| model.path, task or data.*     | policy/, metrics, checkpoints    |
-| `eval`               | rollout                 | model.path, test split         | eval.json                        |
-| `sft`                | learner                 | model.path, sft.* rows         | policy/, sft.json, train.jsonl   |
-| `distill`            | learner                 | a student, sft.* rows          | student/, policy/, sft.json      |
-| `rejection_sampling` | rollout, reward         | model.path, task or data.*     | data.jsonl, rejection.json       |
+The stages, their actors, what they read and write: the one table, `orchestration.config.stages`.
 
 `prepare` reads the user's files before Ray starts (unusable data: one line, exit 2); `run`
 places the stage's actors, runs it and releases its placement groups.
@@ -19,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("raygrpo")
+from orchestration.config.stages import STAGES
 
-ROLES = {"train": ("rollout", "reward", "learner"), "eval": ("rollout",), "sft": ("learner",),
-         "distill": ("learner",), "rejection_sampling": ("rollout", "reward")}
+log = logging.getLogger("raygrpo")
 
 
 @dataclass
@@ -60,20 +53,21 @@ def prepare(cfg: Any) -> Prepared:
 
 
 def run(cfg: Any, prepared: Prepared) -> Outcome:
-    """Place the stage's actors (Ray is up), run the stage, release its placement."""
-    from orchestration.train import loop as driver
-    from orchestration.cluster import placement as cluster
+    """Place the stage's actors (Ray is up) and run the stage, which stops the actors it started
+    (`launch.Actors.shutdown`) however it ends; then release its placement."""
     from common.models import resolve_model_path
+    from orchestration.cluster.placement import place
+    from orchestration.train import loop
 
-    placement = cluster.place(cfg, ROLES[cfg.stage])
+    placement = place(cfg, STAGES[cfg.stage].roles)
     print(placement.describe(), flush=True)
     try:
         placement.save(Path(cfg.output_dir) / "placement.json")
         resolve_model_path(cfg.model.path)  # builds a built-in once here; each actor resolves it on its node
         if cfg.stage == "eval":
-            return Outcome(metrics=driver.run_eval(cfg, placement, prepared.task))
+            return Outcome(metrics=loop.run_eval(cfg, placement, prepared.task))
         if cfg.stage == "train":
-            return Outcome(policy=driver.run_train(cfg, placement, prepared.task, prepared.resume_from) / "policy")
+            return Outcome(policy=loop.run_train(cfg, placement, prepared.task, prepared.resume_from) / "policy")
         if cfg.stage == "rejection_sampling":
             from orchestration.stages import rejection
 

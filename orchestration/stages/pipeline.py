@@ -26,15 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 from orchestration import stages
 from orchestration.config import Config, ConfigError, validate
 from orchestration.config.recipe import STAGE_REF, refs_in
+from orchestration.config.stages import STAGES
 
 log = logging.getLogger("raygrpo")
-TRAINS = ("train", "sft", "distill")  # stages that write a policy
 COLUMNS = ("eval/accuracy", "eval/format_rate", "eval/response_length")
-
-
-def output_of(out: Path, name: str, stage: str) -> Path:
-    """What `stage:<name>` means: the stage's policy directory, or its data file."""
-    return out / name / ("data.jsonl" if stage == "rejection_sampling" else "policy")
 
 
 def resolve_refs(value: Any, outputs: dict[str, Path]) -> Any:
@@ -58,14 +53,17 @@ def stage_configs(base: DictConfig) -> list[tuple[str, DictConfig]]:
         result.append(("start", _config(plain, "start", "eval", out / "start", {})))
     kinds = {s.name: s.stage for s in base.pipeline.stages}
     for spec in base.pipeline.stages:
-        bad = [r for v in spec.set.values() for r in refs_in(v) if kinds.get(r) == "eval"]
+        bad = [r for v in spec.set.values() for r in refs_in(v) if r in kinds and STAGES[kinds[r]].output is None]
         if bad:
-            raise ConfigError(f"pipeline stage {spec.name!r} refers to {STAGE_REF}{bad[0]}, an eval stage (no output)")
+            raise ConfigError(f"pipeline stage {spec.name!r} refers to {STAGE_REF}{bad[0]}, an "
+                              f"{kinds[bad[0]]} stage (no output)")
         settings = {k: resolve_refs(OmegaConf.to_object(v) if OmegaConf.is_config(v) else v, outputs)
                     for k, v in spec.set.items()}
         result.append((spec.name, _config(plain, spec.name, spec.stage, out / spec.name, settings)))
-        outputs[spec.name] = output_of(out, spec.name, spec.stage)
-        if evaluate and spec.stage in TRAINS:
+        stage = STAGES[spec.stage]
+        if stage.output:  # what `stage:<name>` becomes in the stages after it
+            outputs[spec.name] = out / spec.name / stage.output
+        if evaluate and stage.trains:
             name = f"{spec.name}/eval"
             result.append((name, _config(plain, name, "eval", out / name, {"model.path": str(outputs[spec.name])})))
     for name, cfg in result:
@@ -104,7 +102,7 @@ def run(base: DictConfig) -> list[dict[str, Any]]:
     the evaluation table."""
     import ray
 
-    from orchestration.cluster import placement as cluster
+    from orchestration.cluster import placement
 
     configs = stage_configs(base)
     n = len(configs)
@@ -119,7 +117,7 @@ def run(base: DictConfig) -> list[dict[str, Any]]:
             print(f"pipeline [{i}/{n}] {name}: finished earlier ({_done(cfg)}); skipped", flush=True)
     left = [(i, name, cfg) for i, (name, cfg) in enumerate(configs, 1) if not _done(cfg).is_file()]
     if left:
-        cluster.start_ray(base)
+        placement.start_ray(base)
         try:
             for i, name, cfg in left:
                 print(f"pipeline [{i}/{n}] {name} ({cfg.stage}) -> {cfg.output_dir}", flush=True)

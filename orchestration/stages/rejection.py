@@ -112,27 +112,23 @@ def run(cfg: Any, placement: Any, task: Any) -> Path:
     from dataclasses import replace
 
     from actors.types import Prompt, SamplingSpec
-    from orchestration.cluster.launch import pass_env, start_rollout
-    from orchestration.cluster.pools import RewardPool
-    from orchestration.train.producer import sampling_seed
+    from orchestration.cluster.launch import Actors, start_rewards, start_rollout
     from orchestration.report.reasoning import reasoning_metrics
-    from orchestration.config.recipe import reward_settings
     from orchestration.stages.sft_data import write_jsonl
+    from orchestration.train.producer import sampling_seed
 
     r, x, out = cfg.rollout, cfg.rejection, Path(cfg.output_dir)
     problems = draw(task, x.num_prompts, r.prompts_per_step)
     by_id = {p.id: p for p in problems}
-    rollout = start_rollout(cfg, placement)
-    rewards = RewardPool(placement.options["reward"], cfg.reward.functions, cfg.reward.timeout_s, reward_settings(cfg),
-                         pass_env(cfg))
     spec = SamplingSpec(n=x.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         max_tokens=r.max_new_tokens, stop=tuple(r.stop))
     specs = [replace(spec, seed=sampling_seed(cfg.seed, "rejection", i)) for i in range(len(problems))]
-    try:
-        result = rollout.generate([Prompt(p.id, p.prompt, cfg.task.system_prompt) for p in problems], specs)
-        scores = rewards.score(result.groups, by_id)
-    finally:
-        rollout.shutdown()
+    with Actors() as actors:  # both pools stopped once the replies are scored, however it ends
+        actors.rollout = start_rollout(cfg, placement)
+        actors.rewards = start_rewards(cfg, placement)
+        prompts = [Prompt(p.id, p.prompt, cfg.task.system_prompt) for p in problems]
+        result = actors.rollout.generate(prompts, specs)
+        scores = actors.rewards.score(result.groups, by_id)
     candidates = [Candidate(g.prompt.id, by_id[g.prompt.id].prompt, by_id[g.prompt.id].answer, c.text,
                             len(c.token_ids), c.finish_reason, s.reward if s.ok else None, dict(s.parts), i)
                   for g, row_scores in zip(result.groups, scores) for i, (c, s) in enumerate(zip(g.completions, row_scores))]

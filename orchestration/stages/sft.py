@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.config import ConfigError
-from orchestration.stages.sft_data import Encoded, Example, encode, epoch_batches, load_examples, nll, split, write_jsonl
+from orchestration.stages.sft_data import (Encoded, Example, encode, epoch_batches, load_examples, nll, split,
+                                           write_jsonl)
 
 log = logging.getLogger("raygrpo")
 
@@ -72,17 +73,19 @@ def cold_start_examples(cfg: Any, path: Path) -> list[Example]:
 
 def run_sft(cfg: Any, placement: Any, data: SFTData) -> Path:
     """Train, log held-out loss, save the policy; returns the policy directory."""
+    from learner.batch import pad_to_multiple
     from learner.objectives import SFTObjective
-    from orchestration.report import summary as report
-    from orchestration.train.batching import pad_to_multiple
-    from orchestration.train.checkpoint import config_dict
-    from orchestration.cluster.launch import start_learner
+    from orchestration.cluster.launch import Actors, learner_spec, start_learner
+    from orchestration.report import summary
     from orchestration.report.metrics import RunLogger
+    from orchestration.train.checkpoint import config_dict
 
     start, out = time.time(), Path(cfg.output_dir)
     train, val = encode_both(cfg, data)
     plan = epoch_batches(len(train), cfg.sft.batch_size, cfg.sft.epochs, cfg.seed)
-    learner = start_learner(cfg, placement, data.model_path, SFTObjective(), len(plan))
+    spec = learner_spec(cfg, data.model_path, SFTObjective(), len(plan))
+    actors = Actors(learner=start_learner(cfg, placement, spec))
+    learner = actors.learner
     logger = RunLogger(cfg.output_dir, config_dict(cfg), cfg.logger.wandb, len(plan), cfg.logger.progress,
                        desc=cfg.stage)
     held_out = lambda: nll(learner.logprobs(val.batch(list(range(len(val))))))  # noqa: E731
@@ -103,11 +106,11 @@ def run_sft(cfg: Any, placement: Any, data: SFTData) -> Path:
         learner.save_pretrained(str((out / "policy").resolve()))
     finally:
         logger.close()
-        learner.shutdown()
-    summary = {"model": data.model_path, "steps": len(plan), "val_loss_start": first, "val_loss_end": last,
-               **{k.removeprefix("sft/"): v for k, v in stats.items()}, "wall_s": time.time() - start}
-    (out / "sft.json").write_text(json.dumps(summary, indent=1))
-    report.plot_curves(report.load_metrics(out), out / "curves.png", report.SFT_PANELS)
+        actors.shutdown()
+    record = {"model": data.model_path, "steps": len(plan), "val_loss_start": first, "val_loss_end": last,
+              **{k.removeprefix("sft/"): v for k, v in stats.items()}, "wall_s": time.time() - start}
+    (out / "sft.json").write_text(json.dumps(record, indent=1))
+    summary.plot_curves(summary.load_metrics(out), out / "curves.png", summary.SFT_PANELS)
     log.info("%s: held-out loss %.4f -> %.4f over %d steps", cfg.stage, first, last, len(plan))
     return out / "policy"
 

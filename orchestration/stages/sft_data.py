@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.types import Prompt
+from common.files import write_atomic
 from learner.batch import TrainBatch
 from tasks.base import PromptContent, stable_seed
 
@@ -58,11 +59,8 @@ def load_examples(files: list[str], prompt_key: str, response_key: str) -> tuple
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
-    return path
+    """`rows` as JSON lines at `path`, all at once (a later stage never reads half a file)."""
+    return write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

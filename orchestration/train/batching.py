@@ -14,14 +14,13 @@ import torch
 from actors.scoring import Score
 from actors.types import Group
 from learner import grpo
+from learner.algos import ADVANTAGES
 from learner.batch import TrainBatch
 
 
 def advantages(rewards: torch.Tensor, group_size: int, algo: Any) -> torch.Tensor:
-    """rewards [B] -> advantages [B] per `algo.advantage` (grpo | rloo)."""
-    if algo.advantage == "rloo":
-        return grpo.rloo_advantages(rewards, group_size)
-    return grpo.group_advantages(rewards, group_size, scale_by_std=algo.scale_by_std)
+    """rewards [B] -> advantages [B] by the estimator `algo.advantage` names (learner.algos.ADVANTAGES)."""
+    return ADVANTAGES[algo.advantage](rewards, group_size, scale_by_std=algo.scale_by_std)
 
 
 def reward_matrix(scores: list[list[Score]]) -> torch.Tensor:
@@ -56,14 +55,3 @@ def build_batch(groups: list[Group], scores: list[list[Score]], algo: Any,
         loss_weights=ok.reshape(-1).float().tolist(),
     )
     return batch, raw
-
-
-def pad_to_multiple(batch: TrainBatch, multiple: int) -> tuple[TrainBatch, int]:
-    """Append zero-weight copies of the last sequence until len(batch) % multiple == 0."""
-    extra = (-len(batch)) % multiple
-    if extra == 0:
-        return batch, 0
-    index = list(range(len(batch))) + [len(batch) - 1] * extra
-    padded = batch.select(index)
-    padded.loss_weights[len(batch):] = [0.0] * extra
-    return padded, extra

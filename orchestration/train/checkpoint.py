@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from common.files import write_dir_atomic, write_synced
 from orchestration.config import ConfigError
 
 log = logging.getLogger("raygrpo")
@@ -173,20 +174,17 @@ class Checkpoints:
         that becomes `step_N` only when complete; then older checkpoints beyond `keep` go. Raises
         CheckpointError (the staging directory removed) when writing fails, e.g. on a full disk."""
         final = self.root / f"step_{step:08d}"
-        staging = self.root / f".partial-{final.name}"
+
+        def fill_then_mark(staging: Path) -> None:
+            fill(staging)
+            write_synced(staging / COMPLETE, f"step {step}\n")  # last: a directory without it is never read
+
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".partial-*"):  # a write a crash interrupted
                 shutil.rmtree(stale, ignore_errors=True)
-            staging.mkdir()
-            fill(staging)
-            _write_synced(staging / COMPLETE, f"step {step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            _sync_dir(self.root)
+            write_dir_atomic(final, fill_then_mark, staging=self.root / f".partial-{final.name}", fsync=True)
         except Exception as err:
-            shutil.rmtree(staging, ignore_errors=True)
             previous = self.latest()
             raise CheckpointError(f"checkpoint of step {step} not written ({type(err).__name__}: {err}); "
                                   f"{'the newest complete one is ' + str(previous) if previous else 'none exists yet'}"
@@ -199,12 +197,12 @@ class Checkpoints:
 def write_driver_files(directory: Path, state: RunState, config: dict[str, Any], run_dir: Path) -> None:
     """The driver's part of a checkpoint: run state, metrics so far, config summary."""
     document = {"format": STATE_FORMAT, "state": to_json(state, state_types())}
-    _write_synced(directory / STATE_FILE, json.dumps(document))
+    write_synced(directory / STATE_FILE, json.dumps(document))
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         shutil.copyfile(metrics, directory / "metrics.jsonl")
     summary = {"step": state.step, "version": state.version, "config": config}
-    _write_synced(directory / "state.json", json.dumps(summary, indent=1, default=str))
+    write_synced(directory / "state.json", json.dumps(summary, indent=1, default=str))
 
 
 def read_state(checkpoint: Path) -> RunState:
@@ -305,18 +303,3 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

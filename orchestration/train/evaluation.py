@@ -27,7 +27,7 @@ class EvalResult:
 
 def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_prompt: str = "",
              num_samples: int = 4) -> EvalResult:
-    """`cfg` (`driver.eval_settings`): max_new_tokens, pass_k, temperature, reward (the judging function),
+    """`cfg` (`loop.eval_settings`): max_new_tokens, pass_k, temperature, reward (the judging function),
     reward_timeout_s, seed, format_reward ("" or the function of eval/format_rate), reward_settings,
     pass_env (see `Scorer`).
     Greedy and sampled replies come from one engine batch, so from one policy version."""

@@ -10,9 +10,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from orchestration.train.checkpoint import (Checkpoints, CheckpointError, RunState, capture_rng, read_state, restore_rng,
-                                      restore_run_files, write_driver_files)
 from orchestration.cluster.control import Control, RunStopped, StopFlag
+from orchestration.train.checkpoint import (CheckpointError, Checkpoints, RunState, capture_rng, read_state,
+                                            restore_rng, restore_run_files, write_driver_files)
 from orchestration.train.producer import collect_evals
 
 log = logging.getLogger("raygrpo")

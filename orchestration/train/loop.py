@@ -12,18 +12,19 @@ from typing import Any
 import torch
 
 from actors.types import SamplingSpec
-from learner.batch import TrainBatch
+from learner.batch import TrainBatch, pad_to_multiple
 from learner.group import LearnerGroup
-from orchestration.train.batching import build_batch, overlong_shaping, pad_to_multiple
+from learner.grpo import has_variance
 from orchestration.cluster.launch import Actors, pass_env, start_actors, start_rollout
 from orchestration.cluster.placement import Placement
-from orchestration.train.evaluation import EvalResult, evaluate
-from orchestration.train.checkpoint import config_dict
-from orchestration.train.lifecycle import Lifecycle
-from orchestration.report.metrics import RunLogger, Timer
-from orchestration.train.producer import Producer, Sampled, collect_evals
-from orchestration.report.reasoning import reasoning_metrics
 from orchestration.config.recipe import reward_settings
+from orchestration.report.metrics import RunLogger, Timer
+from orchestration.report.reasoning import reasoning_metrics
+from orchestration.train.batching import build_batch, overlong_shaping
+from orchestration.train.checkpoint import config_dict
+from orchestration.train.evaluation import EvalResult, evaluate
+from orchestration.train.lifecycle import Lifecycle
+from orchestration.train.producer import Producer, Sampled, collect_evals
 from tasks.base import Task, prompt_text
 
 log = logging.getLogger("raygrpo")
@@ -142,7 +143,7 @@ def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: di
         if s.ok:
             for name, value in s.parts.items():
                 parts.setdefault(name, []).append(value)
-    zero_var = [bool((row[~row.isnan()].unique().numel() <= 1)) for row in rewards]
+    zero_var = [not has_variance(row) for row in rewards.tolist()]
     times = {**timer.breakdown(), **{k: v for k, v in sampled.metrics.items() if k.startswith("time/")}}
     staleness = torch.tensor([float(step - g.version) for g in sampled.groups])  # the learner holds version `step`
     m = {
@@ -184,7 +185,7 @@ def run_train(cfg: Any, placement: Placement, task: Task, resume_from: Path | No
     report; returns the run directory. Raises RunStopped when stopped early (a checkpoint written)."""
     import time
 
-    from orchestration.report import summary as report
+    from orchestration.report import summary
 
     start = time.time()
     out = Path(cfg.output_dir)
@@ -193,8 +194,7 @@ def run_train(cfg: Any, placement: Placement, task: Task, resume_from: Path | No
     logger = RunLogger(cfg.output_dir, config, cfg.logger.wandb, cfg.steps, cfg.logger.progress,
                        resume_step=life.state.step if resume_from else None, wandb_id=life.state.wandb_id)
     try:
-        with life.stop:
-            actors = start_actors(cfg, placement)
+        with life.stop, start_actors(cfg, placement) as actors:  # stopped on the way out, however it ends
             life.attach(actors, logger)
             evals = train(cfg, actors, logger, task, life)
             save_outputs(cfg, actors)
@@ -202,20 +202,20 @@ def run_train(cfg: Any, placement: Placement, task: Task, resume_from: Path | No
         logger.close()
         if life.control is not None:
             life.control.close()
-    report.plot_curves(report.load_metrics(out), out / "curves.png")
+    summary.plot_curves(summary.load_metrics(out), out / "curves.png")
     first, last = (evals[0], evals[-1]) if len(evals) >= 2 else (None, None)
-    table = report.before_after(first.metrics, last.metrics) if first else []
-    report.write_report(out, config, table, first.samples if first else [], last.samples if last else [],
+    table = summary.before_after(first.metrics, last.metrics) if first else []
+    summary.write_report(out, config, table, first.samples if first else [], last.samples if last else [],
                         time.time() - start)
     if table:
-        report.print_summary(table, out)
+        summary.print_summary(table, out)
     return out
 
 
 def run_eval(cfg: Any, placement: Placement, task: Task) -> dict[str, float]:
     """Evaluate `model.path` alone (no learner) on the task's held-out set; prints and logs the metrics."""
-    rollout = start_rollout(cfg, placement)
-    result = evaluate(rollout, task.test_set(), eval_settings(cfg), cfg.task.system_prompt)
+    with Actors(rollout=start_rollout(cfg, placement)) as actors:
+        result = evaluate(actors.rollout, task.test_set(), eval_settings(cfg), cfg.task.system_prompt)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"model": cfg.model.path, **result.metrics, "samples": result.samples},

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from actors.scoring import Score
 from actors.types import Group, Prompt, SamplingSpec
+from learner.grpo import has_variance
 from orchestration.cluster.pools import RewardPool, RolloutPool, score_request
 from tasks.base import Problem, Task, stable_seed
 
@@ -102,7 +103,7 @@ class Producer:
             specs = [replace(self.spec, seed=sampling_seed(self.cfg.seed, step, rounds, i)) for i in range(len(problems))]
             groups, scores, dropped = self._generate_and_score(problems, specs, seconds)
             for group, row in zip(groups, scores):
-                if not dynamic or len({s.reward for s in row if s.ok}) > 1:
+                if not dynamic or has_variance(s.reward for s in row if s.ok):
                     out.groups.append(group)
                     out.scores.append(row)
             out.dropped += dropped
