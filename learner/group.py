@@ -56,6 +56,10 @@ class LearnerGroup:
         """Every rank writes its shards of model and optimizer, and its schedule and RNG, under `path`."""
         self._get([w.save_checkpoint.remote(path) for w in self.workers])
 
+    def write_markers(self, directory: str, name: str) -> list[str]:
+        """Every rank writes a marker file under `directory` as its node sees it; their node addresses."""
+        return self._get([w.write_marker.remote(directory, name) for w in self.workers])
+
     def load_checkpoint(self, path: str) -> None:
         self._get([w.load_checkpoint.remote(path) for w in self.workers])
 

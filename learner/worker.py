@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from common.gpu import cuda_problem
 from common.models import resolve_on_node
 from learner.batch import Padded, TrainBatch, micro_batches
 from learner.batch import pack as pack_rows
@@ -200,7 +203,9 @@ class LearnerWorker:
         obj = self.objective
         # Reference logprobs in their own pass (its padding passes keep FSDP collectives in step).
         ref_all = self._recompute_logprobs(batch, self.ref) if self.ref is not None and obj.needs_reference else None
-        for rows in self._micro_plan(batch):
+        plan = self._micro_plan(batch)  # the same number of micro-batches on every rank
+        for i, rows in enumerate(plan):
+            self._gradient_sync(i == len(plan) - 1)  # one reduce-scatter per optimizer step, not per micro-batch
             if not rows:
                 self._dummy_forward(self.model, batch)
                 continue
@@ -214,6 +219,12 @@ class LearnerWorker:
             stats.add_micro(loss.item(), metrics, logp.detach(), entropy, padded)
         grad_norm = self._clip_and_step()
         stats.add_step(grad_norm, self.scheduler.get_last_lr()[0])
+
+    def _gradient_sync(self, on: bool) -> None:
+        """FSDP2 reduce-scatters gradients in a backward only when `on`; off, they accumulate unsharded
+        on each rank until the last micro-batch's backward reduces their sum once."""
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(on)
 
     def _clip_and_step(self) -> float:
         """Clip, step, advance the schedule; a non-finite grad norm skips the update (all ranks agree)."""
@@ -249,9 +260,21 @@ class LearnerWorker:
                 if torch.is_tensor(v) and v.dim() > 0:  # not AdamW's `step` scalars: they live on the host
                     state[k] = v.to(device, non_blocking=True)
         if device.type == "cpu":
+            torch.cuda.synchronize(self.device)  # the non_blocking copies land before anyone (a checkpoint) reads them
             torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- checkpoints
+
+    def write_marker(self, directory: str, name: str) -> str:
+        """Write `directory/name-rank{r}` (this node's view of the run directory); returns this
+        node's address, for the driver to say which node does not share its storage."""
+        import ray
+
+        os.makedirs(directory, exist_ok=True)
+        node = ray.util.get_node_ip_address()
+        with open(os.path.join(directory, f"{name}-rank{self.rank}"), "w") as f:
+            f.write(node)
+        return node
 
     def save_checkpoint(self, path: str) -> None:
         """Model and optimizer shards into `path`/learner (all ranks together, with
@@ -275,8 +298,6 @@ class LearnerWorker:
         """Restore what `save_checkpoint` wrote; DCP reshards when the world size changed (then
         each rank takes rank 0's schedule and its own RNG is not restored). Nothing in the files
         is executed (see `learner.checkpoint_io`)."""
-        import os
-
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -340,7 +361,9 @@ class LearnerWorker:
         try:
             with torch.no_grad():
                 for bucket, numel in zip(self.buckets, sizes):
-                    full = [_full(params[spec.name]) for spec in bucket]  # every rank gathers every bucket
+                    # every rank gathers every bucket, already cast to the wire dtype: a bf16 wire gathers
+                    # half the bytes of the fp32 master weights (the cast is elementwise: same values)
+                    full = [_full(params[spec.name].to(self.wire_dtype)) for spec in bucket]
                     if space is not None and failed is None:
                         buf = pack(full, numel, self.wire_dtype, self.device, out=space)
                         try:
@@ -399,10 +422,19 @@ class LearnerWorker:
             dist.destroy_process_group()
 
 
-def choose_device(gpu_ids: list) -> torch.device:
+def choose_device(gpu_ids: list, problem: Callable[[], str | None] = cuda_problem) -> torch.device:
     """cuda:0 when Ray granted this actor a GPU (its CUDA_VISIBLE_DEVICES then lists that one), else
-    the CPU — even where GPUs are visible: since Ray 2.5x a zero-GPU actor still sees them all."""
-    return torch.device("cuda", 0) if gpu_ids else torch.device("cpu")
+    the CPU — even where GPUs are visible: since Ray 2.5x a zero-GPU actor still sees them all. With
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES Ray leaves every GPU visible: the granted one by its
+    index. A granted GPU that torch cannot use (a driver too old for its CUDA) raises, saying so."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    why = problem()
+    if why:
+        raise RuntimeError(f"learner rank granted GPU {gpu_ids}: {why}")
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):  # every GPU visible: take the granted one
+        return torch.device("cuda", int(gpu_ids[0]))
+    return torch.device("cuda", 0)
 
 
 def free_port() -> int:

@@ -372,3 +372,17 @@ def test_sft_objective_mean_nll():
     assert metrics["nll"].item() == pytest.approx(0.48, abs=1e-6)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.2, -0.2, 0.0], [-0.2, -0.2, -0.2]]), atol=1e-6)
+
+
+def test_entropy_bonus_lowers_the_loss_by_its_coefficient_times_the_entropy():
+    """The bonus rewards entropy: loss(c) = loss(0) - c * mean entropy (token_mean), and its gradient
+    raises the entropy (a flipped sign would punish exploration)."""
+    logp = torch.tensor(LOGP)
+    entropy = torch.tensor([[0.5, 1.5, 9.0], [1.0, 2.0, 3.0]], requires_grad=True)  # 9.0 is masked
+    mb = _micro(logp, logp.clone(), MASK, ADV)
+    mb.entropy = entropy
+    plain, _ = GRPOObjective(agg="token_mean")(mb)
+    bonus, _ = GRPOObjective(agg="token_mean", entropy_coef=0.1)(mb)
+    assert bonus.item() == pytest.approx(plain.item() - 0.1 * (0.5 + 1.5 + 1.0 + 2.0 + 3.0) / 5, abs=1e-6)
+    bonus.backward()
+    assert torch.allclose(entropy.grad, torch.tensor([[-0.02, -0.02, 0.0], [-0.02, -0.02, -0.02]]), atol=1e-7)

@@ -324,3 +324,40 @@ def test_learner_dcp_non_tensor_items_load_only_as_plain_data(tmp_path):
         assert not marker.exists()
         dcp.load({"lr": 0.0, "note": None}, checkpoint_id=tmp_path / "learner")  # DCP's own planner runs it
     assert marker.exists()
+
+
+def test_a_checkpoint_is_renamed_into_place_not_copied(tmp_path):
+    """The staging directory becomes the checkpoint by one rename (same inode): a copy-then-delete
+    would leave a window in which a crash makes a half-copied `step_N` look like a checkpoint."""
+    seen = {}
+
+    def fill(directory: Path) -> None:
+        (directory / "data").write_text("x")
+        seen["inode"] = os.stat(directory).st_ino
+
+    final = Checkpoints(tmp_path).write(3, fill)
+    assert final.name == "step_00000003" and os.stat(final).st_ino == seen["inode"]
+    assert (final / "COMPLETE").is_file() and not list(final.parent.glob(".partial-*"))
+
+
+def test_storage_the_learner_ranks_do_not_share_is_refused(tmp_path):
+    """A learner rank whose writes land elsewhere (its own node's disk, a relative path in a job's
+    working-dir copy) is named before any step; shared storage passes and leaves nothing behind."""
+    elsewhere = tmp_path / "node-b"
+
+    def ranks(shared_ranks):
+        def write_markers(directory: str, name: str) -> list[str]:
+            for r in range(2):
+                where = Path(directory) if r in shared_ranks else elsewhere / Path(directory).relative_to("/")
+                where.mkdir(parents=True, exist_ok=True)
+                (where / f"{name}-rank{r}").write_text("node")
+            return ["10.0.0.1", "10.0.0.2"]
+        return write_markers
+
+    checkpoints = Checkpoints(tmp_path / "run")
+    checkpoints.check_shared(ranks({0, 1}))
+    assert not (checkpoints.root / ".storage-check").exists()
+    with pytest.raises(ConfigError, match=r"not on storage the driver shares with learner rank 1 on 10.0.0.2: "
+                                          r"checkpoint shards would stay") as info:
+        checkpoints.check_shared(ranks({0}))
+    assert "\n" not in str(info.value)

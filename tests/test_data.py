@@ -195,3 +195,14 @@ def test_prompt_messages_put_the_system_message_first_unless_the_chat_has_one():
     chat = ({"role": "system", "content": "Own."}, {"role": "user", "content": "Hi?"})
     assert Prompt("b", chat, system="Be brief.").messages() == [dict(m) for m in chat]
     assert Prompt("c", chat[1:]).messages() == [{"role": "user", "content": "Hi?"}]
+
+
+def test_boolean_answers_are_skipped_not_read_as_numbers(tmp_path):
+    """`true` is an int to Python; a reference answer of true/false is a wrong type, not "True"/"1"."""
+    path = tmp_path / "bools.jsonl"
+    path.write_text('{"prompt": "2 > 1?", "answer": true}\n{"prompt": "1 > 2?", "answer": false}\n'
+                    '{"prompt": "1 + 1?", "answer": 2}\n')
+    loaded = load_file(str(path), "prompt", "answer")
+    assert [p.answer for p in loaded.problems] == ["2"]
+    assert loaded.skipped == ["row 1: answer is a bool, not a string or a number",
+                              "row 2: answer is a bool, not a string or a number"]

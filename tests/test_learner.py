@@ -142,7 +142,14 @@ def test_zero_gpu_actors_see_no_gpu_and_choose_the_cpu(ray_local):
         return os.environ.get("CUDA_VISIBLE_DEVICES"), ray.get_gpu_ids(), str(choose_device(ray.get_gpu_ids()))
 
     assert ray_local.get(probe.remote()) == ("", [], "cpu")
-    assert str(choose_device([3])) == "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES lists the granted GPU alone
+    assert str(choose_device([3], problem=lambda: None)) == "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES lists it alone
+    os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # Ray leaves every GPU visible
+    try:
+        assert str(choose_device([3], problem=lambda: None)) == "cuda:3"
+    finally:
+        del os.environ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"]
+    with pytest.raises(RuntimeError, match=r"granted GPU \[3\]: torch .* cannot use the GPU with NVIDIA driver 535"):
+        choose_device([3], problem=lambda: "torch 2.14.0 (CUDA 13.0) cannot use the GPU with NVIDIA driver 535.1")
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 5, 7, 64])
@@ -185,3 +192,38 @@ def test_a_dead_learner_rank_stops_the_step_at_once_naming_it(ray_local, tiny_mo
     assert time.perf_counter() - start < 20
     for worker in group.workers:
         ray_local.kill(worker)
+
+
+def _cast_then_gather(rank: int, port: int, queue) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = fully_shard(torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)))
+    same = all(torch.equal(p.to(torch.bfloat16).full_tensor(), p.full_tensor().to(torch.bfloat16))
+               and p.to(torch.bfloat16).full_tensor().dtype == torch.bfloat16 for p in model.parameters())
+    queue.put((rank, same))
+    dist.destroy_process_group()
+
+
+def test_sharded_weights_cast_before_the_gather_equal_the_cast_after():
+    """The weight broadcast gathers FSDP2 shards already cast to the wire dtype (half the traffic
+    for bf16 from fp32 masters); the cast is elementwise, so the gathered tensors are the same."""
+    import multiprocessing as mp
+
+    from learner.worker import free_port
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_cast_then_gather, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(queue.get(timeout=5) for _ in procs) == [(0, True), (1, True)]

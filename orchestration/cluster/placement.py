@@ -39,7 +39,8 @@ LOOPBACK = "127.0.0.1"
 
 
 def start_ray(cfg: Any) -> None:
-    """Join `ray.address` (or RAY_ADDRESS), else start a local Ray on loopback with token auth."""
+    """Join `ray.address` (or RAY_ADDRESS), else start a local Ray on loopback with token auth; then
+    check that its GPU nodes can use their GPUs (when the topology asks for any)."""
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     env = {"env_vars": {k: v for k, v in worker_env().items() if k not in job_env_vars()}}
     if address:
@@ -47,10 +48,42 @@ def start_ray(cfg: Any) -> None:
             ray.init(address=address, runtime_env=env, log_to_driver=True)
         except ConnectionError as err:  # a host that accepts TCP but is no Ray cluster, or a client timeout
             raise ConfigError(f"cannot connect to the Ray cluster at {address}: {err}") from None
-        return
+    else:
+        t = cfg.topology
+        start_local_ray(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=cfg.ray.dashboard,
+                        runtime_env=env, log_to_driver=True)
+    check_gpu_nodes(cfg)
+
+
+def check_gpu_nodes(cfg: Any, probe: Callable[[], list[tuple[str, str | None]]] | None = None) -> None:
+    """With GPU roles, every GPU node of the cluster can use its GPUs (torch's CUDA against the
+    node's driver: `common.gpu.cuda_problem`), else ConfigError naming the node, before any actor."""
     t = cfg.topology
-    start_local_ray(num_cpus=t.num_cpus, num_gpus=t.num_gpus, include_dashboard=cfg.ray.dashboard,
-                    runtime_env=env, log_to_driver=True)
+    if not (t.rollout_gpus or t.learner_gpus):
+        return
+    bad = [(node, why) for node, why in (probe or _probe_gpu_nodes)() if why]
+    if bad:
+        node, why = bad[0]
+        more = f" (and {len(bad) - 1} more node(s))" if len(bad) > 1 else ""
+        raise ConfigError(f"GPU node {node}{more}: {why}")
+
+
+def _probe_gpu_nodes() -> list[tuple[str, str | None]]:
+    """(node IP, cuda_problem()) from a tiny task on each alive node that has GPUs."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from common.gpu import cuda_problem
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    task = ray.remote(cuda_problem)
+    refs = [task.options(num_cpus=0, num_gpus=0.01,  # a share of one GPU: the task sees that GPU
+                         scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in nodes]
+    try:
+        return list(zip([n["NodeManagerAddress"] for n in nodes], ray.get(refs, timeout=120)))
+    except ray.exceptions.GetTimeoutError:  # every GPU busy with other jobs: placement will say so
+        log.warning("GPU check skipped: no GPU share free on some node within 120 s")
+        return []
 
 
 def start_local_ray(**init_args: Any) -> None:

@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import shutil
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -168,6 +169,25 @@ class Checkpoints:
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1] if done else None
+
+    def check_shared(self, write_markers: Callable[[str, str], list[str]]) -> None:
+        """Every learner rank's writes under the run directory are visible here (ConfigError, one line,
+        otherwise): ranks write their checkpoint shards on their own nodes, and only storage that
+        every learner node shares with the driver makes a checkpoint the driver marks COMPLETE whole.
+        `write_markers(directory, name)` has each rank write `directory/name-rank{r}`."""
+        probe = self.root / ".storage-check"
+        name = secrets.token_hex(8)
+        nodes = write_markers(str(probe), name)
+        try:
+            missing = [r for r in range(len(nodes)) if not (probe / f"{name}-rank{r}").is_file()]
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+        if missing:
+            where = ", ".join(f"rank {r} on {nodes[r]}" for r in missing)
+            raise ConfigError(f"output_dir {self.root.parent} is not on storage the driver shares with learner {where}: "
+                              f"checkpoint shards would stay on those nodes and resume would fail; put output_dir "
+                              f"on a filesystem every learner node mounts (NFS, Lustre, a mounted bucket), as an "
+                              f"absolute path")
 
     def write(self, step: int, fill: Callable[[Path], None]) -> Path:
         """Create checkpoint `step`: `fill(directory)` writes its files into a staging directory

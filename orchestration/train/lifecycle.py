@@ -36,9 +36,10 @@ class Lifecycle:
         self.actors = self.logger = None
 
     def attach(self, actors: Any, logger: Any) -> None:
-        """The run's actors are up: bring a resumed learner and its engines to the checkpoint's
-        weights, and start serving scale requests."""
+        """The run's actors are up: check that the learner ranks write where the driver reads, bring a
+        resumed learner and its engines to the checkpoint's weights, and start serving scale requests."""
         self.actors, self.logger = actors, logger
+        self.checkpoints.check_shared(actors.learner.write_markers)  # before any step: refuse, don't lose shards
         if self.resume_from is not None:
             actors.learner.load_checkpoint(str(self.resume_from))
             with actors.handover():
