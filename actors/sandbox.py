@@ -99,6 +99,7 @@ _LD_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _KILL, _ALLOW, _ERRNO = 0x80000000, 0x7FFF0000, 0x00050000
 
 
+@functools.lru_cache(maxsize=None)
 def seccomp_filter(arch: str | None = None) -> bytes | None:
     """The compiled seccomp program (struct sock_filter[]) for `arch` (default: this machine's), or
     None for an architecture without a table here. Another architecture's syscall is killed;
@@ -204,10 +205,12 @@ def run(code: str, stdin: bytes, limits: Limits, isolation: str = "bwrap") -> Fi
     if isolation == "bwrap" and (why := unavailable()):
         raise SandboxUnavailable(why)
     read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-I", "-c", code, str(write_fd)]
     try:
-        with tempfile.TemporaryDirectory(prefix="raygrpo-code-") as cwd:  # isolation="none" only
-            return _spawn([sys.executable, "-I", "-c", code, str(write_fd)], stdin, limits, isolation,
-                          report_fd=(read_fd, write_fd), cwd=cwd)
+        if isolation == "bwrap":  # the jail brings its own tmpfs working directory
+            return _spawn(argv, stdin, limits, isolation, report_fd=(read_fd, write_fd))
+        with tempfile.TemporaryDirectory(prefix="raygrpo-code-") as cwd:
+            return _spawn(argv, stdin, limits, isolation, report_fd=(read_fd, write_fd), cwd=cwd)
     finally:
         for fd in (read_fd, write_fd):
             with contextlib.suppress(OSError):

@@ -1,5 +1,5 @@
 """A run's life between its steps: resume, checkpoints, stop signals, scale requests, and the
-guard against a learner that keeps skipping updates. The training loop (`driver.train`) calls
+guard against a learner that keeps skipping updates. The training loop (`loop.train`) calls
 `before_step` and `after_step`; everything that outlives one step goes through here.
 """
 
