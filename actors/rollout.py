@@ -13,10 +13,13 @@ where it has some (GPU: vLLM's engine core and workers are child processes).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Iterator
 
 from actors.spec import EngineSpec
 from actors.types import Completion, GenerateResult, Group, Prompt, SamplingSpec
+from common.files import write_secret
 from common.models import resolve_on_node
 
 EXTENSION = "actors.vllm_extension.WeightSyncExtension"
@@ -32,7 +35,8 @@ class RolloutActor:
         (the pattern of vLLM's examples/rl and OpenRLHF: inside a Ray actor vLLM picks up the
         current placement group, and its Ray executor takes one-GPU bundles only).
         `spec.colocated`: the engine sleeps while its learner rank trains (vLLM's sleep mode; CPU
-        engines have none, so there sleeping is a no-op)."""
+        engines have none, so there sleeping is a no-op), and goes to sleep as soon as it is up:
+        the learner may be training on the device right now (a replacement started mid-run)."""
         gpu, colocated, max_model_len = spec.gpu, spec.colocated, spec.max_model_len
         # vLLM-CPU needs an explicit KV cache size; binding OMP threads to cores fails on small hosts.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_gb))
@@ -45,6 +49,7 @@ class RolloutActor:
         if spec.engine_bundles:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)  # this actor holds no GPU; its TP workers do
             os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, spec.engine_bundles))
+            self.token_dir = pass_ray_to_engine_core()
             backend = "ray"
         from vllm import LLM
 
@@ -62,10 +67,12 @@ class RolloutActor:
             **({} if gpu else {"max_num_seqs": CPU_MAX_SEQS, "max_num_batched_tokens": CPU_MAX_SEQS * max_model_len}),
         )
         self.sleeps = colocated and gpu
-        self.asleep = False
+        self.asleep: set[str] = set()  # what vLLM's sleep mode has released: "weights", "kv_cache"
+        self.sleep(level=1)  # colocated: keep the weights it loaded on the host (the first steps use them)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_prompt_tokens = spec.max_prompt_tokens
         self.version = 0
+        self.partial = False  # a sync failed midway: some weights new, some old; serve nothing until a full one
         self.requests = 0  # request ids handed to the engine so far
 
     def ready(self) -> bool:
@@ -77,6 +84,8 @@ class RolloutActor:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+        if getattr(self, "token_dir", None):
+            shutil.rmtree(self.token_dir, ignore_errors=True)
         return True
 
     def encode(self, prompt: Prompt) -> list[int]:
@@ -93,6 +102,9 @@ class RolloutActor:
         `spec`: one for all prompts, or one per prompt."""
         from vllm.inputs import TokensPrompt
 
+        if self.partial:
+            raise RuntimeError(f"this engine holds a partly loaded set of weights (a sync after v{self.version} "
+                               "failed midway): it generates nothing until a full sync")
         specs = spec if isinstance(spec, list) else [spec] * len(prompts)
         kept, dropped = [], []
         for prompt, one in zip(prompts, specs):
@@ -116,20 +128,24 @@ class RolloutActor:
 
     # ---- colocation: give the GPU to the learner while it trains
 
-    def sleep(self) -> bool:
-        """Free the GPU (level 1: weights to host memory, KV cache dropped); returns whether asleep."""
+    def sleep(self, level: int = 2) -> bool:
+        """Free the GPU; returns whether asleep. Level 2 (the default, before the learner trains)
+        drops weights and KV cache: the weight sync that follows overwrites every weight, so
+        copying them to the host and back (level 1) would be wasted traffic; vLLM keeps the
+        model's buffers. Level 1 keeps the weights on the host (an engine just up)."""
         if self.sleeps and not self.asleep:
-            self.llm.sleep(level=1)
-        self.asleep = True
-        return self.asleep
+            self.llm.sleep(level=level)
+            self.asleep = {"weights", "kv_cache"}
+        return bool(self.asleep)
 
     def wake_up(self, tags: list[str] | None = None) -> bool:
         """Take the GPU back: `["weights"]` before weights arrive, `["kv_cache"]` before generating
-        (None: both); returns whether still asleep."""
-        if self.sleeps and self.asleep:
-            self.llm.wake_up(tags=tags)
-        self.asleep = tags is not None and "kv_cache" not in tags
-        return self.asleep
+        (None: both); returns whether still (partly) asleep."""
+        waking = self.asleep & set(tags or ("weights", "kv_cache"))
+        if waking:
+            self.llm.wake_up(tags=sorted(waking))
+            self.asleep -= waking
+        return bool(self.asleep)
 
     # ---- weight sync (the learner drives the other side of each call)
 
@@ -138,14 +154,42 @@ class RolloutActor:
         return self.llm.collective_rpc("join_weight_group", kwargs=kwargs)
 
     def receive_weights(self, version: int) -> list[tuple[int, int]]:
-        """Receive and load a full set of weights; returns worker 0's per-bucket checksums."""
+        """Receive and load a full set of weights; returns worker 0's per-bucket checksums. A sleeping
+        (colocated) engine takes its weight memory back first, and only that: its KV cache waits
+        until the learner has left the device (`launch.Actors.handover`)."""
+        self.wake_up(["weights"])
+        self.partial = True  # until every bucket of every worker is in
         per_worker = self.llm.collective_rpc("receive_weights")
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
-        self.version = version
         first = per_worker[0]
         if any(sums != first for sums in per_worker[1:]):
             raise RuntimeError("tensor-parallel workers of one engine received different weights")
+        self.version, self.partial = version, False
         return first
+
+
+def pass_ray_to_engine_core() -> str | None:
+    """vLLM's Ray executor (tensor-parallel engines) calls `ray.init()` in its engine-core process,
+    as a new job: hand it this cluster's address and, under token authentication, the token this
+    actor holds, in a 0600 file of this node (the driver's token file may live on another node; the
+    token itself never enters an environment). Returns the file's folder (removed at shutdown)."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader
+
+    address = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = address
+    if address.rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "localhost", "::1"):
+        # a loopback-only local cluster (`placement.start_local_ray`): Ray would remap 127.0.0.1 to the
+        # outward address and dial nothing; its single-node mode keeps it
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    loader = AuthenticationTokenLoader.instance()
+    if not loader.has_token():
+        return None
+    folder = tempfile.mkdtemp(prefix="raygrpo-engine-token-")  # 0700
+    write_secret(os.path.join(folder, "auth_token"), loader.get_raw_token())
+    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(folder, "auth_token")
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    return folder
 
 
 def _params(spec: SamplingSpec):

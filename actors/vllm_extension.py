@@ -6,7 +6,10 @@ the group and receives full tensors, and vLLM's own `load_weights` shards them.
 
 Received buckets are streamed straight into the worker's `reload_weights` (one bucket alive at a time, so a
 sync needs at most one bucket of extra memory) and checksummed on the way for the learner to
-compare. Most of a CPU sync is that reload: vLLM-CPU keeps linear weights only packed for oneDNN
+compare. The checksums cover what arrived; what the model took is checked too: every parameter
+the engine holds must be among those its `load_weights` reports loaded (vLLM itself only logs a
+warning), else the sync fails naming them — a wrong name (a converted architecture sent by its
+runtime names, a missing tensor) is an error, never an engine serving stale weights. Most of a CPU sync is that reload: vLLM-CPU keeps linear weights only packed for oneDNN
 (their parameters are empty placeholders, so the model's `load_weights` fails after the first
 load), and the reload rebuilds each layer's weights and packs them again.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from learner.weights import TensorSpec, checksum, make_transport, plan_buckets, unpack
+from learner.weights import TensorSpec, device_checksum, make_transport, plan_buckets, read_checksums, unpack
 
 
 class WeightSyncExtension:
@@ -40,19 +43,19 @@ class WeightSyncExtension:
 
     def receive_weights(self) -> list[tuple[int, int]]:
         """Receive every bucket, load it into the model, return one checksum per bucket."""
-        sums: list[tuple[int, int]] = []
+        sums: list = []  # per bucket, on the device until the end
 
         def stream():
             for bucket in self._buckets:
                 numel = sum(spec.numel for spec in bucket)
                 buf = torch.empty(numel, dtype=self._wire_dtype, device=self.device)
                 self._weight_transport.recv(buf)
-                sums.append(checksum(buf))
+                sums.append(device_checksum(buf))
                 yield from unpack(buf, bucket)
 
         head, embedding = self._tied_lm_head()
         old_gemm = getattr(embedding, "cpu_linear", None)
-        self.reload_weights(weights_iterator=stream())  # the Worker's: it sets vLLM's config context
+        loaded = self._reload(stream())
         if head is not None:
             gemm = getattr(embedding, "cpu_linear", None)
             if gemm is not None and gemm is not old_gemm:
@@ -61,7 +64,32 @@ class WeightSyncExtension:
                 head.quant_method.process_weights_after_loading(head)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # loaded before the engine samples again
-        return sums
+        model = self.model_runner.get_model()
+        missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+        if missing:
+            raise RuntimeError(f"the engine loaded {len(loaded)} parameters but not {len(missing)} of its own: "
+                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (names the model does not "
+                               "load: a converted architecture sent by its runtime names, or a tensor missing)")
+        return read_checksums(sums)
+
+    def _reload(self, weights) -> set[str]:
+        """Run the Worker's `reload_weights` (it sets vLLM's config context) and return the names
+        the model's `load_weights` reports loading (vLLM's reload drops them)."""
+        model = self.model_runner.get_model()
+        loaded: set[str] = set()
+        original = model.load_weights
+
+        def recording(weights_iterator):
+            names = original(weights_iterator)
+            loaded.update(names or ())
+            return names
+
+        model.load_weights = recording  # an instance attribute, over the class's method
+        try:
+            self.reload_weights(weights_iterator=weights)
+        finally:
+            del model.load_weights
+        return loaded
 
     def _tied_lm_head(self) -> tuple:
         """(lm_head, embedding) when they are tied, else (None, None). No checkpoint tensor names a

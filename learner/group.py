@@ -75,8 +75,9 @@ class LearnerGroup:
                 raise LearnerLost(f"learner rank {rank_of[done[0]]} died ({type(err).__name__})") from err
         return ray.get(refs)
 
-    def offload(self) -> list[str]:
-        return ray.get([w.offload.remote() for w in self.workers])
+    def offload(self, what: str = "all") -> list[str]:
+        """Every rank's `LearnerWorker.offload(what)`."""
+        return ray.get([w.offload.remote(what) for w in self.workers])
 
     def reload(self) -> list[str]:
         return ray.get([w.reload.remote() for w in self.workers])

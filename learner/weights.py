@@ -27,6 +27,8 @@ import hmac
 import json
 import secrets
 import socket
+import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
@@ -92,7 +94,18 @@ CHECKSUM_PERIOD = 127  # words per row of the position-weighted sum (odd: no pow
 
 
 def checksum(buf: torch.Tensor) -> tuple[int, int]:
-    """(sum, position-weighted sum) of the buffer's bytes read as int64 words, modulo 2^64.
+    """`device_checksum` read back: (sum, position-weighted sum) as Python ints."""
+    total, weighted = device_checksum(buf).tolist()
+    return total, weighted
+
+
+def read_checksums(sums: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Per-bucket `device_checksum`s read back in one transfer (one host wait per sync, not per bucket)."""
+    return [tuple(pair) for pair in torch.stack(sums).tolist()] if sums else []
+
+
+def device_checksum(buf: torch.Tensor) -> torch.Tensor:
+    """[2] int64 on the buffer's device: (sum, position-weighted sum) of the buffer's bytes read as int64 words, modulo 2^64.
 
     Integer sums are exact and independent of reduction order (int64 addition wraps, and wrapping
     addition is associative), so sender and receiver agree bit for bit on any device; the weights
@@ -114,7 +127,7 @@ def checksum(buf: torch.Tensor) -> tuple[int, int]:
     weights = torch.arange(1, CHECKSUM_PERIOD + 1, dtype=torch.int64, device=raw.device)
     total = columns.sum() + tail.sum()
     weighted = (columns * weights).sum() + (tail * weights[:tail.numel()]).sum()
-    return int(total), int(weighted)
+    return torch.stack([total, weighted])
 
 
 def checksums_match(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
@@ -310,7 +323,17 @@ class BroadcastTransport(WeightTransport):
 
     Rank 0 hosts the TCPStore; construction blocks until all `world_size` members joined, so every
     member must be constructed concurrently (the driver issues all joins before waiting on any).
+
+    Every broadcast is waited for on the CPU, up to `timeout_s`, by polling its work: NCCL's
+    `Work.wait()` only makes the current stream wait, so a dead receiver would never raise in
+    `send` (the healthy members would stall until the watchdog). Meanwhile the member watches the
+    group's store for the driver's signed abort (`post_abort`: it saw a member die), so the healthy
+    ones give up at once rather than at their deadline. Either way the group is aborted and the
+    call raises; gloo and NCCL take the same path.
     """
+
+    POLL_S = (5e-5, 5e-3)  # first and longest sleep between two looks at a broadcast in flight
+    ABORT_EVERY_S = 0.05  # how often a waiting member reads the store for the driver's abort
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str,
                  generation: int = 0, timeout_s: float = 300.0, *, secret: str):
@@ -318,10 +341,10 @@ class BroadcastTransport(WeightTransport):
         self.store, store = join_store(host, port, rank, world_size, f"weights-{generation}", secret, timeout)
         self.signed = store  # the process group holds it; kept alive with the transport
         if backend == "nccl":
-            # GPU-only path. NCCL's own deadline sits past the driver's (`timeout_s`), so the driver
-            # reports a lost peer first (WeightSyncError); NCCL's watchdog then aborts the stuck
-            # collective without killing the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 in the job's
-            # environment), and the next use of this group raises.
+            # GPU-only path. NCCL's own deadline sits past ours (`timeout_s`, waited for on the CPU
+            # in `_wait`): its watchdog is the backstop for a collective we could not abort, and it
+            # aborts without killing the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 in the job's
+            # environment).
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout + timedelta(seconds=NCCL_GRACE_S)
             self.group = dist.ProcessGroupNCCL(store, rank, world_size, opts)
@@ -334,12 +357,42 @@ class BroadcastTransport(WeightTransport):
             self.group = dist.ProcessGroupGloo(store, rank, world_size, opts)
         else:
             raise ValueError(f"unknown broadcast backend {backend!r}")
-        self.rank, self.backend = rank, backend
+        self.rank, self.backend, self.timeout_s = rank, backend, timeout_s
 
     def _broadcast(self, buf: torch.Tensor) -> None:
+        if self.group is None:
+            raise RuntimeError("the weight-broadcast group was closed (an earlier broadcast failed)")
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.group.broadcast([buf], opts).wait()
+        self._wait(self.group.broadcast([buf], opts))
+
+    def _wait(self, work) -> None:
+        """Return once `work` completed on the device; abort the group and raise on the deadline or
+        on the driver's abort."""
+        start = last_look = time.monotonic()
+        pause = self.POLL_S[0]
+        while not work.is_completed():
+            now = time.monotonic()
+            why = None
+            if now - start > self.timeout_s:
+                why = f"timed out after {self.timeout_s:g} s"
+            elif now - last_look > self.ABORT_EVERY_S:
+                last_look = now
+                why = self._abort_posted()
+            if why is not None:
+                self.close()
+                raise TimeoutError(f"weight broadcast on rank {self.rank} {why}; the group is aborted")
+            time.sleep(pause)
+            pause = min(2 * pause, self.POLL_S[1])
+        work.wait()  # raises the collective's own error, if it had one
+
+    def _abort_posted(self) -> str | None:
+        if not self.signed.check([ABORT_KEY]):
+            return None
+        try:
+            return f"aborted by the driver: {self.signed.get(ABORT_KEY).decode(errors='replace')}"
+        except PermissionError:  # anyone can write the store; only the driver's abort counts
+            return None
 
     def send(self, buf: torch.Tensor) -> None:
         assert self.rank == 0, "only rank 0 sends"
@@ -349,12 +402,31 @@ class BroadcastTransport(WeightTransport):
         self._broadcast(buf)
 
     def close(self) -> None:
-        """Leave the group; an NCCL communicator is aborted explicitly (a replaced generation or a
-        failed sync must not leave a communicator waiting on a lost peer)."""
-        if self.backend == "nccl" and self.group is not None:
-            self.group.abort()
-        self.group = None
+        """Leave the group, aborted (a replaced generation or a failed sync must not leave a
+        communicator waiting on a lost peer)."""
+        held, self.group = [self.group], None
+        if held[0] is not None:
+            held[0].abort()
+            # a gloo group's destructor joins its threads, which may sit in the aborted collective
+            # until gloo's own timeout: its last reference is dropped in a thread of its own
+            threading.Thread(target=held.clear, name="raygrpo-group-release", daemon=True).start()
         self.store = self.signed = None
+
+
+ABORT_KEY = "abort"
+
+
+def post_abort(host: str, port: int, generation: int, secret: str, why: str, timeout_s: float = 5.0) -> bool:
+    """The driver's side of an abort: post `why`, signed, in broadcast group `generation`'s store
+    at `host`:`port`; every member waiting in a broadcast aborts the group within
+    `BroadcastTransport.ABORT_EVERY_S`. Returns False if the store could not be reached (its root
+    is gone: the members fail on their own)."""
+    try:
+        store = dist.TCPStore(host, port, None, False, timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001 - the root died with its store
+        return False
+    SignedStore(store, f"raygrpo-weights-{generation}", secret).set(ABORT_KEY, why.encode())
+    return True
 
 
 class SharedTransport(WeightTransport):

@@ -28,11 +28,13 @@ from common.models import resolve_on_node
 from learner.batch import Padded, TrainBatch, micro_batches
 from learner.batch import pack as pack_rows
 from learner.batch import pad, prompt_rows, row_lengths
+from learner.hf_names import CheckpointNames
 from learner.logprobs import chunked_logprobs
 from learner.objectives import Micro
 from learner.spec import LearnerSpec
 from learner.stats import StepStats
-from learner.weights import TensorSpec, WeightTransport, checksum, make_transport, pack, plan_buckets
+from learner.weights import (TensorSpec, WeightTransport, device_checksum, make_transport, pack, plan_buckets,
+                             read_checksums)
 
 log = logging.getLogger("raygrpo")
 
@@ -71,6 +73,7 @@ class LearnerWorker:
             raise RuntimeError("this GPU has no bf16: set learner.mixed_precision=false (and model.dtype=float16)")
         self.model = self._load(model_path, mp, spec.gradient_checkpointing, trainable=True)
         self.ref = self._load(model_path, mp, False, trainable=False) if spec.objective.needs_reference_model else None
+        self.names = CheckpointNames(self.model)  # what the engines load (learner.hf_names)
         self.pad_id = self.model.config.pad_token_id or 0
         self._choose_layout(spec.share_prompts, torch.bfloat16 if mp else torch.float32)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, betas=tuple(spec.betas),
@@ -97,7 +100,11 @@ class LearnerWorker:
             model.gradient_checkpointing_enable()
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
             else MixedPrecisionPolicy()
-        for layer in model.model.layers:
+        blocks = set(getattr(model, "_no_split_modules", None) or ())  # the decoder layer classes
+        layers = [m for m in model.modules() if type(m).__name__ in blocks]
+        if not layers:
+            raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard")
+        for layer in layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)  # rank 0's shards move to its device; never the full model
         if self.rank != 0:
@@ -240,10 +247,14 @@ class LearnerWorker:
 
     # ---------------------------------------------------------------- colocation
 
-    def offload(self) -> str:
-        """Move weights, gradients and optimizer state to host memory (colocated engines generate
-        meanwhile); a no-op on CPU. Returns where the weights are."""
-        self._move(torch.device("cpu"))
+    def offload(self, what: str = "all") -> str:
+        """Move state to host memory and free the device's cached blocks (a no-op on CPU); returns
+        where the weights are. "optimizer": AdamW's moments only (gradients are already freed by
+        the step), before a colocated sync, which needs the weights; "all": weights too (the
+        colocated engines generate meanwhile)."""
+        if what not in ("optimizer", "all"):
+            raise ValueError(f"offload what: 'optimizer' or 'all', not {what!r}")
+        self._move(torch.device("cpu"), weights=what == "all")
         return str(next(self.model.parameters()).device)
 
     def reload(self) -> str:
@@ -251,11 +262,12 @@ class LearnerWorker:
         self._move(self.device)
         return str(next(self.model.parameters()).device)
 
-    def _move(self, device: torch.device) -> None:
+    def _move(self, device: torch.device, weights: bool = True) -> None:
         if self.device.type == "cpu":
             return
-        for model in filter(None, (self.model, self.ref)):
-            model.to(device)
+        if weights or device.type != "cpu":
+            for model in filter(None, (self.model, self.ref)):
+                model.to(device)
         for state in self.optimizer.state.values():
             for k, v in state.items():
                 if torch.is_tensor(v) and v.dim() > 0:  # not AdamW's `step` scalars: they live on the host
@@ -319,18 +331,21 @@ class LearnerWorker:
     # ---------------------------------------------------------------- weights out
 
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
-        """(name, full shape) of every parameter in broadcast order (tied weights once)."""
-        return [(name, tuple(p.shape)) for name, p in self.model.named_parameters()]
+        """(checkpoint name, full shape) of every tensor the engines load, in broadcast order (tied
+        weights once; converted architectures by their checkpoint names, see `learner.hf_names`)."""
+        return self.names.manifest()
 
     def join_weight_group(self, host: str, port: int, world_size: int, generation: int, timeout_s: float,
                           backend: str, dtype: str, bucket_bytes: int, secret: str,
-                          roots: list[str] | None = None) -> None:
+                          roots: list[str] | None = None, manifest: list | None = None) -> None:
         """Rank 0 joins the broadcast group as its root, other ranks only remember the plan; with
         `roots` (shared memory, colocated) rank r is the root of its own pair at `roots[r]`.
-        `secret`: the group's, from the driver (see `learner.weights.join_store`)."""
+        `secret`: the group's, from the driver (see `learner.weights.join_store`). `manifest`: what
+        to send, the engines' plan too (default: `weight_manifest()`)."""
         self.wire_dtype = getattr(torch, dtype)
         element_size = torch.empty((), dtype=self.wire_dtype).element_size()
-        self.buckets = plan_buckets([TensorSpec(n, s) for n, s in self.weight_manifest()], bucket_bytes, element_size)
+        specs = [TensorSpec(n, tuple(s)) for n, s in (manifest if manifest is not None else self.weight_manifest())]
+        self.buckets = plan_buckets(specs, bucket_bytes, element_size)
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -351,7 +366,6 @@ class LearnerWorker:
         Buckets are packed into one reused buffer, on CPU with one thread: the copies are
         memory-bound, and the engines load the previous bucket meanwhile (on 2 cores, two threads
         per side made packing ~3x slower: at every copy a thread waits for one descheduled)."""
-        params = dict(self.model.named_parameters())
         sizes = [sum(s.numel for s in bucket) for bucket in self.buckets]
         space = torch.empty(max(sizes, default=0), dtype=self.wire_dtype, device=self.device) \
             if self.transport is not None else None
@@ -361,10 +375,9 @@ class LearnerWorker:
         sums, failed = [], None
         try:
             with torch.no_grad():
+                stream = self._checkpoint_tensors({spec.name for bucket in self.buckets for spec in bucket})
                 for bucket, numel in zip(self.buckets, sizes):
-                    # every rank gathers every bucket, already cast to the wire dtype: a bf16 wire gathers
-                    # half the bytes of the fp32 master weights (the cast is elementwise: same values)
-                    full = [_full(params[spec.name].to(self.wire_dtype)) for spec in bucket]
+                    full = [_named(next(stream), spec.name) for spec in bucket]
                     if space is not None and failed is None:
                         buf = pack(full, numel, self.wire_dtype, self.device, out=space)
                         try:
@@ -373,12 +386,22 @@ class LearnerWorker:
                             failed = err
                             self.transport.close()
                             continue
-                        sums.append(checksum(buf))
+                        sums.append(device_checksum(buf))
         finally:
             torch.set_num_threads(threads)
         if failed is not None:  # raised after the loop, so the other ranks' gathers complete
             raise failed
-        return sums
+        return read_checksums(sums)  # the one host wait of the sync
+
+    def _checkpoint_tensors(self, wanted: set[str]):
+        """(checkpoint name, full tensor in the wire dtype) of the `wanted` tensors, in manifest order.
+        Every rank gathers the same parameters (a collective): each cast to the wire dtype first, so
+        a bf16 wire gathers half the bytes of the fp32 master weights (the cast is elementwise)."""
+        for name, param in self.model.named_parameters():
+            if any(key in wanted for key, _ in self.names.per_param[name]):
+                for key, tensor in self.names.tensors(name, _full(param.to(self.wire_dtype))):
+                    if key in wanted:
+                        yield key, tensor
 
     def save_pretrained(self, path: str, driver_node: str) -> list[str]:
         """Write the full policy and its tokenizer as a Hugging Face directory (all ranks gather, rank 0
@@ -444,6 +467,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _named(item: tuple[str, torch.Tensor], expected: str) -> torch.Tensor:
+    name, tensor = item
+    if name != expected:
+        raise RuntimeError(f"weight sync out of order: {name} where the plan has {expected}")
+    return tensor
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:

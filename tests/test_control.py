@@ -214,3 +214,47 @@ def test_the_local_ray_refuses_clients_without_its_token(ray_local):
     path = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert "RAY_AUTH_TOKEN" not in os.environ
+
+
+class EngineCoreStandIn:
+    """What a tensor-parallel engine's actor does before vLLM starts its engine-core process, on a
+    node where the driver's token file is not (its path points nowhere here)."""
+
+    def start_engine_core(self, pass_ray: bool) -> dict:
+        from actors.rollout import pass_ray_to_engine_core
+
+        driver_path = os.environ["RAY_AUTH_TOKEN_PATH"]
+        os.environ["RAY_AUTH_TOKEN_PATH"] = driver_path + ".not-on-this-node"
+        folder = pass_ray_to_engine_core() if pass_ray else None
+        path = os.environ["RAY_AUTH_TOKEN_PATH"]
+        mode = (stat.S_IMODE(os.stat(path).st_mode), stat.S_IMODE(os.stat(folder).st_mode)) if folder else None
+        probe = "import ray; ray.init(); print(ray.get_runtime_context().gcs_address); ray.shutdown()"
+        try:
+            res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+            rc, out, err = res.returncode, res.stdout.strip(), res.stderr[-2000:]
+        except subprocess.TimeoutExpired:
+            rc, out, err = None, "", "timed out"
+        finally:
+            os.environ["RAY_AUTH_TOKEN_PATH"] = driver_path
+        return dict(driver_path=driver_path, path=path, mode=mode, rc=rc, out=out, err=err,
+                    env_has_token="RAY_AUTH_TOKEN" in os.environ)
+
+
+def test_an_engine_core_process_joins_this_cluster_with_the_token_passed_on_its_node(ray_local):
+    """vLLM's Ray executor calls `ray.init()` from a child process of the engine's actor: with what
+    the actor passes it (`pass_ray_to_engine_core`), the child joins this cluster, not a new one,
+    and authenticates, though the driver's token file is not on its node; without it, refused."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
+    actor = ray_local.remote(num_cpus=0)(EngineCoreStandIn).remote()
+    try:
+        got = ray_local.get(actor.start_engine_core.remote(True))
+        assert got["rc"] == 0, got["err"]
+        assert got["out"].splitlines()[-1] == ray_local.get_runtime_context().gcs_address
+        assert got["path"] != got["driver_path"] and got["mode"] == (0o600, 0o700)
+        assert not got["env_has_token"]  # only a path in the environment
+        without = ray_local.get(actor.start_engine_core.remote(False))
+        assert without["rc"] not in (0, None) and "token" in without["err"], without["err"]
+    finally:
+        ray_local.kill(actor)

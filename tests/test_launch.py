@@ -130,3 +130,66 @@ def test_every_stage_stops_its_actors_then_releases_its_placement(monkeypatch, t
     with pytest.raises(Boom):
         stages.run(cfg, stages.Prepared(task=FakeTask(), sft=data))
     assert events == started + ["release"]
+
+
+class Recorder:
+    """A colocated learner group or rollout pool that records its calls (no Ray: `ray.get` of a
+    list of plain values returns them)."""
+
+    def __init__(self, events: list[str], kind: str):
+        self.events, self.kind = events, kind
+
+    def offload(self, what: str = "all"):
+        self.events.append(f"learner.offload({what})")
+
+    def reload(self):
+        self.events.append("learner.reload")
+
+    def call(self, method: str, *args):
+        self.events.append(f"serving.{method}{list(args) if args else ''}")
+        return []
+
+    def call_members(self, method: str, *args):
+        self.events.append(f"members.{method}{list(args)}")
+        return []
+
+
+def test_the_colocated_hand_over_frees_the_optimizer_first_and_the_kv_cache_last(monkeypatch):
+    import orchestration.cluster.launch as launch
+
+    monkeypatch.setattr(launch.ray, "get", lambda refs: refs)
+    events: list[str] = []
+    actors = Actors(colocated=True)
+    actors.learner, actors.rollout = Recorder(events, "learner"), Recorder(events, "rollout")
+    actors.to_learner()
+    with actors.handover():
+        events.append("push")  # each engine takes its weight memory back inside receive_weights
+    assert events == ["serving.sleep", "learner.reload", "learner.offload(optimizer)", "push",
+                      "learner.offload(all)", "members.wake_up[['kv_cache']]"]  # fresh engines wake too
+
+
+class FakeLLM:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags):
+        self.calls.append(("wake_up", tags))
+
+
+def test_an_engine_sleeps_at_level_2_and_wakes_its_weights_and_kv_cache_separately():
+    from actors.rollout import RolloutActor
+
+    calls: list = []
+    engine = RolloutActor.__new__(RolloutActor)  # the sleep bookkeeping alone, no vLLM
+    engine.llm, engine.sleeps, engine.asleep = FakeLLM(calls), True, set()
+    assert engine.sleep() and engine.sleep()  # asleep once, however often asked
+    assert engine.wake_up(["weights"])  # still partly asleep: the KV cache waits
+    assert engine.wake_up(["weights"])  # a second wake of the weights does nothing
+    assert not engine.wake_up(["kv_cache"])
+    assert not engine.wake_up()
+    assert calls == [("sleep", 2), ("wake_up", ["weights"]), ("wake_up", ["kv_cache"])]
+    engine.sleeps, calls[:] = False, []  # a CPU engine has no sleep mode: nothing reaches vLLM
+    assert not engine.sleep() and not engine.wake_up() and calls == []

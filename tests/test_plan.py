@@ -90,3 +90,16 @@ def test_colocated_pairs_share_a_node_and_a_whole_gpu():
     where = {(role, i): node for role, i, node in rows}
     assert [where["rollout", i] for i in range(3)] == [where["learner", i] for i in range(3)] == ["node0", "node0", "node1"]
     assert nodes[0].summary() == "rollout+learner 0-1 (CPU=4, GPU=1 each); reward 0 (CPU=1)"
+
+
+def test_colocated_hand_over_estimate_is_below_the_sum_of_both_processes():
+    cfg = make_cfg("topology=single_gpu_colocated", "rollout=gpu", "learner=gpu", "algo.kl_coef=0", "sync.bucket_mb=512")
+    shape = {"params": 7 * 10**9, "hidden": 3584, "layers": 28, "vocab": 152_064}
+    rows = {name: parts for name, parts, _ in memory_estimate(cfg, shape)}
+    hand = rows["hand-over"]
+    assert hand["learner weights"] == pytest.approx(4 * 7e9 / GIB)  # fp32 master weights; AdamW on the host
+    assert hand["engine weights"] == pytest.approx(rows["engine worker"]["weights"])
+    assert hand["buckets"] == pytest.approx(3 * 512 / 1024)
+    peak = sum(hand.values())
+    assert peak < max(sum(rows["learner rank"].values()), sum(rows["engine worker"].values()))
+    assert "hand-over" not in {name for name, _, _ in memory_estimate(make_cfg(*LAYOUT64), shape)}  # not colocated

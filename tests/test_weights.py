@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+import threading
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from learner.weights import (
+    post_abort,
     BroadcastTransport,
     TensorSpec,
     checksum,
@@ -292,3 +294,55 @@ def test_broadcast_sender_times_out_without_receiver():
 def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match="unknown broadcast backend"):
         BroadcastTransport("127.0.0.1", _free_port(), 0, 1, "mpi", timeout_s=3, secret=SECRET)
+
+
+def _stalled_receiver(port: int, rank: int, world_size: int, joined, release) -> None:
+    """Joins the group, then never receives: a hung engine (alive, answering nothing)."""
+    t = make_transport("gloo", "127.0.0.1", port, rank, world_size, generation=1, timeout_s=60, secret=SECRET)
+    joined.set()
+    release.wait(120)
+    t.close()
+
+
+def _send_to_a_stalled_receiver(timeout_s: float, abort_after_s: float | None, secret: str = SECRET):
+    """Send 64 MiB (more than the sockets buffer) to one receiver that never receives; the driver
+    (this test) posts an abort after `abort_after_s`, signed with `secret`. Returns (error, seconds)."""
+    ctx = mp.get_context("spawn")
+    port, joined, release = _free_port(), ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_stalled_receiver, args=(port, 1, 2, joined, release), daemon=True)
+    proc.start()
+    try:
+        sender = make_transport("gloo", "127.0.0.1", port, 0, 2, generation=1, timeout_s=timeout_s, secret=SECRET)
+        assert joined.wait(60)
+        if abort_after_s is not None:
+            threading.Timer(abort_after_s, post_abort, ("127.0.0.1", port, 1, secret, "engine 1 died")).start()
+        start = time.monotonic()
+        with pytest.raises(TimeoutError) as info:
+            sender.send(torch.ones(16 << 20))
+        elapsed = time.monotonic() - start
+        with pytest.raises(RuntimeError, match="closed"):  # the aborted group is not used again
+            sender.send(torch.ones(4))
+        return str(info.value), elapsed
+    finally:
+        release.set()
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+
+
+def test_a_send_to_a_hung_receiver_stops_at_its_deadline_on_the_cpu():
+    """NCCL's `wait()` never blocks the CPU; the transport waits on the CPU itself (same path on gloo)."""
+    why, elapsed = _send_to_a_stalled_receiver(timeout_s=3, abort_after_s=None)
+    assert "timed out after 3 s" in why and "the group is aborted" in why
+    assert 3 <= elapsed < 10, elapsed
+
+
+def test_the_drivers_abort_stops_a_waiting_member_at_once():
+    why, elapsed = _send_to_a_stalled_receiver(timeout_s=60, abort_after_s=1.0)
+    assert "aborted by the driver: engine 1 died" in why
+    assert elapsed < 5, elapsed  # not the 60 s deadline
+
+
+def test_an_abort_not_signed_by_the_driver_is_ignored():
+    why, elapsed = _send_to_a_stalled_receiver(timeout_s=4, abort_after_s=0.5, secret="someone else")
+    assert "timed out after 4 s" in why and elapsed >= 4

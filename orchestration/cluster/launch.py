@@ -61,21 +61,26 @@ class Actors:
                 log.error("stopping the %s actors failed (%s); they go with their placement", name, _why(err))
 
     def to_learner(self) -> None:
-        """Colocated: the engines sleep and the learner takes the device back (no-op otherwise)."""
+        """Colocated: the engines sleep (level 2: their weights are replaced at the next sync anyway)
+        and the learner takes the device back (no-op otherwise)."""
         if self.colocated:
             ray.get(self.rollout.call("sleep"))
             self.learner.reload()
 
     @contextmanager
     def handover(self) -> Iterator[None]:
-        """Colocated: engines take their weights back for the sync; then the learner leaves the
-        device and the engines rebuild their KV cache."""
+        """Colocated, in an order that keeps the device's peak at the larger of the two footprints
+        plus the sync's buckets, never their sum: the learner first moves AdamW's moments and
+        gradients to the host and frees its cached blocks (activations, logits chunks); each engine
+        then takes back only its weight memory as its load begins (`receive_weights`); after the
+        sync the learner leaves the device and only then do the engines rebuild their KV cache.
+        The hand-over's figure is in the dry run's memory estimate (`plan.memory_estimate`)."""
         if self.colocated:
-            ray.get(self.rollout.call("wake_up", ["weights"]))
+            self.learner.offload("optimizer")
         yield
         if self.colocated:
             self.learner.offload()
-            ray.get(self.rollout.call("wake_up", ["kv_cache"]))
+            ray.get(self.rollout.call_members("wake_up", ["kv_cache"]))
 
 
 def engine_dtype(cfg: Any) -> str:
@@ -129,9 +134,7 @@ def start_actors(cfg: Any, placement: Placement) -> Actors:
     r, a = cfg.rollout, cfg.algo
     actors = Actors(colocated=cfg.topology.colocate)
     try:
-        actors.rollout = rollout = start_rollout(cfg, placement)
-        if cfg.topology.colocate:
-            ray.get(rollout.call("sleep"))  # the learner loads onto the shared devices next
+        actors.rollout = rollout = start_rollout(cfg, placement)  # colocated: each engine is asleep once up
         actors.rewards = start_rewards(cfg, placement)
         spec = learner_spec(cfg, cfg.model.path, GRPOObjective.from_config(a, r), cfg.steps,
                             num_minibatches=cfg.learner.num_minibatches, temperature=r.temperature)

@@ -14,7 +14,12 @@ The memory estimate per GPU process, from the model's config alone (no weights a
   work) — with a large vocabulary and no chunking this term dominates;
 - engine worker: its weights (engine dtype, split over tensor parallelism); vLLM takes
   `rollout.gpu_memory_utilization` of the GPU and the rest of that share, less ~1 GiB of activations,
-  is KV cache.
+  is KV cache;
+- colocated hand-over (`topology.colocate`, the weight sync on a shared GPU; see
+  `launch.Actors.handover`): the learner rank's fp32 weight shards (and reference) with AdamW's
+  moments already on the host, the engine's weights, and three buckets (`sync.bucket_mb`: the
+  gathered tensors, the packed buffer, the engine's receive buffer). Activations, logits and KV cache
+  are freed by then, so it stays below the larger of the two processes rather than their sum.
 It is an estimate to catch layouts that cannot fit, not a profile.
 """
 
@@ -184,6 +189,13 @@ def memory_estimate(cfg: Any, shape: dict[str, int]) -> list[tuple[str, dict[str
         warn = "" if kv >= LOW_KV_CACHE_GIB else (
             f"{kv:.1f} GiB left for KV cache: raise rollout.gpu_memory_utilization or tensor_parallel_size")
         out.append(("engine worker", {"weights": weights, "kv_cache": max(kv, 0.0)}, warn))
+    if t.colocate and t.learner_gpus > 0 and t.rollout_gpus > 0:
+        parts = {"learner weights": (4 * p + (4 * p if cfg.algo.kl_coef > 0 else 0)) / l.num_ranks / GIB,
+                 "engine weights": weights, "buckets": 3 * (cfg.sync.bucket_mb << 20) / GIB}
+        total = sum(parts.values())
+        warn = f"the colocated weight sync needs ~{total:.0f} GiB of a {gpu:.0f} GiB GPU: lower sync.bucket_mb " \
+            "or add ranks" if total > 0.9 * gpu else ""
+        out.append(("hand-over", parts, warn))
     return out
 
 

@@ -217,6 +217,11 @@ class RolloutPool:
         with self.lock:
             return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
+    def call_members(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Call `method` on every member: serving and fresh (see `members`)."""
+        with self.lock:
+            return [getattr(a, method).remote(*args, **kwargs) for a, _ in self.members()]
+
     # ---- membership
 
     def members(self) -> list[tuple[Any, int]]:

@@ -25,7 +25,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from learner.group import LearnerGroup, LearnerLost
-from learner.weights import NCCL_GRACE_S, checksums_match, new_secret
+from learner.weights import NCCL_GRACE_S, checksums_match, new_secret, post_abort
 from orchestration.cluster.pools import RolloutPool, _why
 
 log = logging.getLogger("raygrpo")
@@ -55,6 +55,7 @@ class WeightSync:
         self.slot_checksums: dict[int, list[tuple[int, int]]] = {}  # slot -> what its engine loaded last push
         self.waited_s = 0.0  # last push: time spent waiting for generations in flight
         self.retries = 0  # pushes that had to drop engines and try again
+        self.abort_at: tuple | None = None  # (host, port, generation, secret) of the broadcast group, for post_abort
 
     @property
     def member_timeout_s(self) -> float:
@@ -71,15 +72,16 @@ class WeightSync:
             # a fresh secret per generation, to the members through Ray calls only: the store's port
             # is open to anyone who reaches it, the secret is what admits a member (never log it)
             common = dict(generation=self.generation, timeout_s=self.member_timeout_s, backend=self.backend,
-                          dtype=self.dtype, bucket_bytes=self.bucket_bytes, secret=new_secret())
+                          dtype=self.dtype, bucket_bytes=self.bucket_bytes, secret=new_secret(),
+                          manifest=self.manifest)  # one plan for both sides
             if self.backend == "shared":
                 learner_refs, engine_refs = self._connect_pairs(members, common)
             else:
                 host, port = ray.get(self.learner.workers[0].address.remote()).rsplit(":", 1)
                 common.update(host=host, port=int(port), world_size=1 + len(members) * self.workers_per_engine)
+                self.abort_at = (host, int(port), self.generation, common["secret"])
                 learner_refs = self.learner.join_weight_group(**common)
-                engine_refs = [a.join_weight_group.remote(rank_offset=1 + i * self.workers_per_engine,
-                                                          manifest=self.manifest, **common)
+                engine_refs = [a.join_weight_group.remote(rank_offset=1 + i * self.workers_per_engine, **common)
                                for i, (a, _) in enumerate(members)]
             self.members = members
             self._finish(learner_refs, engine_refs, members, f"joining weight-broadcast group {self.generation}")
@@ -97,7 +99,7 @@ class WeightSync:
         for (actor, _), address in zip(members, addresses):
             host, port = address.rsplit(":", 1)
             engine_refs.append(actor.join_weight_group.remote(host=host, port=int(port), rank_offset=1, world_size=2,
-                                                              manifest=self.manifest, **common))
+                                                              **common))
         return learner_refs, engine_refs
 
     def push(self, version: int) -> None:
@@ -154,8 +156,7 @@ class WeightSync:
     def _finish(self, learner_refs: list, engine_refs: list, members: list[tuple], what: str) -> tuple[list, list]:
         """Results of the learner's and the engines' calls, or an error naming who failed: engines that
         died or missed the deadline are dropped (EnginesFailed); a learner failure is not retried."""
-        refs = learner_refs + engine_refs
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        pending = self._wait_all(learner_refs + engine_refs, what)
         failed, hurt = [], []  # engines to drop; engines alive but failed (a lost peer broke the collective)
         for i, ((actor, slot), ref) in enumerate(zip(members, engine_refs)):
             why = self._failure(ref, pending)
@@ -179,6 +180,23 @@ class WeightSync:
             raise WeightSyncError(f"{what} failed: " + "; ".join(learner_err + hurt))
         return ray.get(learner_refs), ray.get(engine_refs)
 
+    def _wait_all(self, refs: list, what: str) -> list:
+        """Wait for every call up to the deadline; returns the ones still pending. The first call to
+        fail (a member died, or its collective broke) makes the driver abort the broadcast group, so
+        the healthy members stop at once instead of at their deadline (`learner.weights.post_abort`)."""
+        deadline = time.monotonic() + self.timeout_s
+        pending, aborted = list(refs), False
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                break
+            if not aborted and self.abort_at is not None and _raised(done[0]):
+                aborted = True
+                post_abort(*self.abort_at, why=f"{what}: a member failed")
+        if pending and not aborted and self.abort_at is not None:
+            post_abort(*self.abort_at, why=f"{what}: the driver's {self.timeout_s:g} s deadline passed")
+        return pending
+
     def _failure(self, ref, pending: list, learner: bool = False) -> str | None:
         """Why a member's call failed: "died ...", "missed ...", "error ..." (alive), or None (it succeeded)."""
         if ref in pending:
@@ -192,3 +210,12 @@ class WeightSync:
         except Exception as err:  # noqa: BLE001 - the member's own error, e.g. its collective timed out
             return f"error ({_why(err)})"
         return None
+
+
+def _raised(ref) -> bool:
+    """Whether a finished call failed."""
+    try:
+        ray.get(ref, timeout=0)
+    except Exception:  # noqa: BLE001 - any failure of a finished call
+        return True
+    return False
