@@ -70,7 +70,14 @@ class RolloutActor:
         self.asleep: set[str] = set()  # what vLLM's sleep mode has released: "weights", "kv_cache"
         self.sleep(level=1)  # colocated: keep the weights it loaded on the host (the first steps use them)
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_prompt_tokens = spec.max_prompt_tokens
+        self.max_prompt_tokens, self.max_model_len = spec.max_prompt_tokens, max_model_len
+        self.env_spec, self.env = spec.env, None
+        if spec.env.multi_turn:  # trajectories (actors.multiturn) instead of single replies
+            from envs import make_env
+            from envs.tokens import end_of_turn_ids
+
+            self.env = make_env(spec.env)
+            self.eot = end_of_turn_ids(self.tokenizer)
         self.version = 0
         self.partial = False  # a sync failed midway: some weights new, some old; serve nothing until a full one
         self.requests = 0  # request ids handed to the engine so far
@@ -89,7 +96,11 @@ class RolloutActor:
         return True
 
     def encode(self, prompt: Prompt) -> list[int]:
-        return prompt.token_ids(self.tokenizer)
+        if self.env is None:
+            return prompt.token_ids(self.tokenizer)
+        from envs.tokens import prompt_ids
+
+        return prompt_ids(self.tokenizer, self.env.reset(prompt.messages())[0], self.env.tools())
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> GenerateResult:
         """Sample `spec.n` completions for each prompt, all at once (see `stream`), in prompt order."""
@@ -112,6 +123,9 @@ class RolloutActor:
             (dropped.append(prompt.id) if len(ids) > self.max_prompt_tokens else kept.append((prompt, ids, one)))
         yield GenerateResult(groups=[], dropped=dropped)
         engine = self.llm.llm_engine
+        if self.env is not None:
+            yield from self._trajectories(engine, kept)
+            return
         by_request = {}
         for prompt, ids, one in kept:
             self.requests += 1
@@ -125,6 +139,26 @@ class RolloutActor:
                     group = Group(prompt=prompt, prompt_token_ids=ids, version=self.version,
                                   completions=[_completion(c) for c in out.outputs])
                     yield GenerateResult(groups=[group])
+
+    def _trajectories(self, engine, kept: list) -> Iterator[GenerateResult]:
+        """Multi-turn: every prompt's spec.n trajectories, each group as soon as it is done."""
+        from dataclasses import replace
+
+        from actors import multiturn
+
+        def params(spec: SamplingSpec, max_tokens: int, seed: int | None):
+            return _params(replace(spec, n=1, max_tokens=max_tokens, seed=seed))
+
+        def request_id() -> str:
+            self.requests += 1
+            return f"raygrpo-{self.requests}"
+
+        e = self.env_spec
+        limits = multiturn.Limits(max_turns=e.max_turns, max_model_len=self.max_model_len,
+                                  max_total_tokens=e.max_total_tokens or self.max_model_len)
+        for group in multiturn.run(engine, self.tokenizer, self.env, kept, self.version, params, limits, request_id,
+                                   self.eot):
+            yield GenerateResult(groups=[group])
 
     # ---- colocation: give the GPU to the learner while it trains
 

@@ -8,7 +8,9 @@ and no actor changes what the others were told.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from envs import EnvSpec
 
 
 @dataclass(frozen=True)
@@ -26,3 +28,4 @@ class EngineSpec:
     # With tensor parallelism, the bundles of this engine's own placement group that vLLM's Ray
     # executor puts one worker each on (set per slot by the pool's launcher; () for TP 1).
     engine_bundles: tuple[int, ...] = ()
+    env: EnvSpec = field(default_factory=EnvSpec)  # multi-turn rollouts (`env.*`); the default: one reply

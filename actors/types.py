@@ -56,7 +56,11 @@ class Completion:
     token_ids: list[int]  # [C] sampled tokens, EOS included when generated
     logprobs: list[float]  # [C] engine logprob of each sampled token (after temperature)
     finish_reason: str  # "stop" | "length" | "abort"
-    text: str  # decoded completion, for rewards and reports only
+    text: str  # decoded completion (a trajectory: its final reply), for rewards and reports only
+    # multi-turn trajectories (actors.multiturn); None for a single reply
+    mask: list[int] | None = None  # [C] 1 on the policy's tokens, 0 on the environment's (no loss there)
+    turns: list[dict[str, str]] | None = None  # the exchange after the prompt: replies and observations
+    info: dict[str, float] | None = None  # counters: turns, tool calls/errors/timeouts, tokens by role, cuts
 
 
 @dataclass

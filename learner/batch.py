@@ -25,13 +25,22 @@ class TrainBatch:
     rollout_logprobs: list[list[float]]  # B × C_i: engine logprob of each sampled token
     advantages: list[float]  # B
     loss_weights: list[float]  # B: 1 trains on the sequence, 0 excludes it (e.g. failed reward)
+    token_mask: list[list[int]] | None = None  # B × C_i: 1 on the policy's tokens, 0 on a multi-turn
+    # trajectory's environment tokens (in the sequence, never in the loss); None: every token
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
     def select(self, index: list[int]) -> "TrainBatch":
-        return TrainBatch(*([field[i] for i in index] for field in (
-            self.prompt_ids, self.completion_ids, self.rollout_logprobs, self.advantages, self.loss_weights)))
+        fields = [[field[i] for i in index] for field in (
+            self.prompt_ids, self.completion_ids, self.rollout_logprobs, self.advantages, self.loss_weights)]
+        mask = None if self.token_mask is None else [self.token_mask[i] for i in index]
+        return TrainBatch(*fields, token_mask=mask)
+
+    def policy_tokens(self, i: int) -> list[float]:
+        """[C_i] 1.0 where sequence i's token counts in the loss (loss weight aside)."""
+        c = self.completion_ids[i]
+        return [1.0] * len(c) if self.token_mask is None else [float(m) for m in self.token_mask[i]]
 
     def shard(self, rank: int, world_size: int) -> "TrainBatch":
         """Contiguous shard `rank` of `world_size` (B must divide evenly)."""
@@ -69,7 +78,7 @@ class Padded:
     attention_mask: torch.Tensor  # [rows, L] (plain) or [rows, 1, L, L] additive, model dtype (shared)
     targets: torch.Tensor  # [b, T] the token each window slot scores
     completion: torch.Tensor  # [b, T] 1 on completion tokens (whatever the loss weight)
-    mask: torch.Tensor  # [b, T] completion tokens of sequences with loss weight > 0
+    mask: torch.Tensor  # [b, T] the policy's completion tokens of sequences with loss weight > 0
     rollout_logprobs: torch.Tensor  # [b, T]
     advantages: torch.Tensor  # [b]
     start: int  # first row position whose logits are computed: logits [rows, L - start, V]
@@ -87,6 +96,7 @@ def pad(batch: TrainBatch, pad_id: int, device) -> Padded:
     input_ids = torch.full((b, L), pad_id, dtype=torch.long)
     attention = torch.zeros((b, L), dtype=torch.long)
     completion = torch.zeros((b, T))
+    policy = torch.zeros((b, T))
     old = torch.zeros((b, T))
     for i, (p, c, lp, w) in enumerate(zip(batch.prompt_ids, batch.completion_ids, batch.rollout_logprobs,
                                           batch.loss_weights)):
@@ -96,11 +106,12 @@ def pad(batch: TrainBatch, pad_id: int, device) -> Padded:
         lo = len(p) - 1 - start  # window index scoring the first completion token
         if c:
             completion[i, lo:lo + len(c)] = 1.0
+            policy[i, lo:lo + len(c)] = torch.tensor(batch.policy_tokens(i))
             old[i, lo:lo + len(c)] = torch.tensor(lp)
     targets = torch.roll(input_ids, -1, dims=1)[:, start:]
     weights = torch.tensor([float(w > 0) for w in batch.loss_weights]).unsqueeze(1)
     return Padded(input_ids.to(device), attention.to(device), targets.to(device), completion.to(device),
-                  (completion * weights).to(device), old.to(device),
+                  (policy * weights).to(device), old.to(device),
                   torch.tensor(batch.advantages, dtype=torch.float32, device=device), start, sum(lengths))
 
 
@@ -189,7 +200,7 @@ def pack(batch: TrainBatch, rows: list[list[int]], pad_id: int, device, dtype=to
     segments = torch.full((R, L), -1, dtype=torch.long)
     positions = torch.zeros((R, L), dtype=torch.long)
     index, targets = torch.zeros((b, T), dtype=torch.long), torch.full((b, T), pad_id, dtype=torch.long)
-    completion, old = torch.zeros((b, T)), torch.zeros((b, T))
+    completion, policy, old = torch.zeros((b, T)), torch.zeros((b, T)), torch.zeros((b, T))
     s = 0
     for r, row in enumerate(rows):
         tokens, segs, pos, scorers = _row(batch, row)
@@ -200,10 +211,11 @@ def pack(batch: TrainBatch, rows: list[list[int]], pad_id: int, device, dtype=to
             index[s, :n] = torch.tensor(scorer, dtype=torch.long) + (r * W - start)
             targets[s, :n] = torch.tensor(batch.completion_ids[i], dtype=torch.long)
             completion[s, :n] = 1.0
+            policy[s, :n] = torch.tensor(batch.policy_tokens(i))
             old[s, :n] = torch.tensor(batch.rollout_logprobs[i])
             s += 1
     weights = torch.tensor([float(batch.loss_weights[i] > 0) for i in seqs]).unsqueeze(1)
     return Padded(input_ids.to(device), block_mask(segments.to(device), dtype), targets.to(device),
-                  completion.to(device), (completion * weights).to(device), old.to(device),
+                  completion.to(device), (policy * weights).to(device), old.to(device),
                   torch.tensor([batch.advantages[i] for i in seqs], dtype=torch.float32, device=device), start,
                   sum(row_lengths(batch, rows)), index.to(device), positions.to(device))

@@ -205,7 +205,7 @@ class LearnerWorker:
         return stats.finish(self._global)
 
     def _minibatch(self, batch: TrainBatch, old: list[torch.Tensor] | None, stats: StepStats) -> None:
-        mask_counts = [len(c) if w > 0 else 0 for c, w in zip(batch.completion_ids, batch.loss_weights)]
+        mask_counts = [sum(batch.policy_tokens(i)) if w > 0 else 0 for i, w in enumerate(batch.loss_weights)]
         num_tokens, num_seqs = self._global(sum(mask_counts), sum(w > 0 for w in batch.loss_weights))
         self.optimizer.zero_grad(set_to_none=True)
         obj = self.objective

@@ -210,6 +210,8 @@ CLI_CASES = {  # name: (overrides given the test's directory, what the one line 
     "sft_data": (lambda d: ["stage=sft", "sft.train_files=[/nope.jsonl]"], "data file not found: /nope.jsonl"),
     "pipeline": (lambda d: ["experiment=r1_smoke", "pipeline.stages=[{name: a, stage: sft, set: {learner.lr: 0}}]"],
                  "pipeline stage 'a': learner.lr must be > 0"),
+    "env_tool": (lambda d: ["env=calculator", "env.tools=[abacus]"], "env.tools: unknown tool 'abacus'"),
+    "env_turns": (lambda d: ["env.max_turns=3"], "env.max_turns > 1 needs a multi-turn env"),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import ray
 
 from actors.spec import EngineSpec
+from envs import EnvSpec
 from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
 from learner.spec import LearnerSpec
@@ -95,7 +96,15 @@ def engine_spec(cfg: Any) -> EngineSpec:
     return EngineSpec(model=cfg.model.path, gpu=cfg.topology.rollout_gpus > 0, colocated=cfg.topology.colocate,
                       dtype=engine_dtype(cfg), seed=cfg.seed, max_model_len=cfg.model.max_model_len,
                       max_prompt_tokens=r.max_prompt_tokens, tensor_parallel_size=r.tensor_parallel_size,
-                      gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb)
+                      gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
+                      env=env_spec(cfg))
+
+
+def env_spec(cfg: Any) -> EnvSpec:
+    """`env.*` as the engines build their environment from it."""
+    e = cfg.env
+    return EnvSpec(name=e.name, tools=tuple(e.tools), max_turns=e.max_turns, tool_timeout_s=e.tool_timeout_s,
+                   max_total_tokens=e.max_total_tokens)
 
 
 def start_rollout(cfg: Any, placement: Placement) -> RolloutPool:

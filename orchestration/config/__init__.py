@@ -123,6 +123,24 @@ class RolloutConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str = "single"
+    """The rollout's environment (`envs`): `single` (one reply per prompt: today's rollout), `tools`
+    (multi-turn tool calls, `env.tools`), or a custom environment `package.module:Class` (see
+    `envs.base.Environment`; built with `max_turns` and `tool_timeout_s`)."""
+    tools: list[str] = field(default_factory=list)
+    """Tools of `env=tools`: built-ins (`calculator`; `python`, run in the code sandbox) or any typed,
+    documented function by import path `package.module:function`."""
+    max_turns: int = 1
+    """Policy replies per trajectory; a trajectory still going after this many is cut (counted)."""
+    tool_timeout_s: float = 5.0
+    """Deadline of one tool call; past it the policy reads an error instead of a result."""
+    max_total_tokens: int = 0
+    """Tokens after the prompt (replies and observations) per trajectory; 0: model.max_model_len
+    less the prompt. Each reply is limited by rollout.max_new_tokens as well."""
+
+
+@dataclass
 class CodeRewardConfig:
     sandbox: str = "bwrap"
     """Isolation of `code_tests` (actors/sandbox.py): `bwrap` jails each sample (bubblewrap, which
@@ -376,6 +394,8 @@ class Config:
     """The user's own data files (replace the arithmetic task when given)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Generation: engines, group size, sampling."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """What a rollout is: one reply, or a multi-turn trajectory with tools (conf/env/)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Scoring: reward functions, weights, deadlines."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -416,6 +436,23 @@ def register_configs() -> None:
 # --------------------------------------------------------------------------- validation
 
 
+def validate_env(e: Any) -> None:
+    """`env.*`: a known or importable-looking environment, tools only for `tools`, sane limits."""
+    check(e.name in ("single", "tools") or ":" in e.name,
+          f"env.name must be single, tools or package.module:Class, got {e.name!r}")
+    check(e.max_turns >= 1, f"env.max_turns must be >= 1, got {e.max_turns}")
+    check(e.name != "single" or e.max_turns == 1, "env.max_turns > 1 needs a multi-turn env (env=tools or a custom one)")
+    check(e.name != "tools" or len(e.tools) > 0, "env=tools needs at least one tool (env.tools=[calculator])")
+    check(e.name == "tools" or not e.tools, f"env.tools is only for env.name=tools, got {e.name!r}")
+    from envs.tools import TOOLS
+
+    for tool in e.tools:
+        check(tool in TOOLS or ":" in tool,
+              f"env.tools: unknown tool {tool!r} (built-in: {', '.join(TOOLS)}; or package.module:function)")
+    check(e.tool_timeout_s > 0, f"env.tool_timeout_s must be > 0, got {e.tool_timeout_s}")
+    check(e.max_total_tokens >= 0, f"env.max_total_tokens must be >= 0, got {e.max_total_tokens}")
+
+
 def validate(cfg: Any) -> None:
     """Check a resolved config (dataclass or DictConfig); raise ConfigError on the first problem."""
     r, a, l = cfg.rollout, cfg.algo, cfg.learner
@@ -433,6 +470,7 @@ def validate(cfg: Any) -> None:
            f"rollout.prompts_per_step × rollout.group_size = {batch} completions must divide evenly "
            f"into learner.num_ranks ({l.num_ranks}) × learner.num_minibatches ({l.num_minibatches})")
     check(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
+    validate_env(cfg.env)
     check(r.max_prompt_tokens + r.max_new_tokens <= cfg.model.max_model_len,
            f"rollout.max_prompt_tokens + rollout.max_new_tokens ({r.max_prompt_tokens + r.max_new_tokens}) "
            f"exceeds model.max_model_len ({cfg.model.max_model_len})")

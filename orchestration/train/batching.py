@@ -53,5 +53,13 @@ def build_batch(groups: list[Group], scores: list[list[Score]], algo: Any,
         rollout_logprobs=[c.logprobs for g in groups for c in g.completions],
         advantages=adv.reshape(-1).tolist(),
         loss_weights=ok.reshape(-1).float().tolist(),
+        token_mask=_token_mask(groups),
     )
     return batch, raw
+
+
+def _token_mask(groups: list[Group]) -> list[list[int]] | None:
+    """B × C_i, 1 on the policy's tokens, for batches holding multi-turn trajectories (else None)."""
+    if all(c.mask is None for g in groups for c in g.completions):
+        return None
+    return [c.mask if c.mask is not None else [1] * len(c.token_ids) for g in groups for c in g.completions]

@@ -101,8 +101,14 @@ def sample_rows(sampled: Sampled, num_prompts: int) -> list[dict[str, Any]]:
                          "completion": completion.text, "answer": problem.answer,
                          "reward": score.reward if score.ok else None, "status": score.status,
                          "error": score.error, **score.parts, "finish_reason": completion.finish_reason,
-                         "tokens": len(completion.token_ids), "policy_version": group.version})
+                         "tokens": len(completion.token_ids), "policy_version": group.version,
+                         **({"trajectory": transcript(completion.turns)} if completion.turns is not None else {})})
     return rows
+
+
+def transcript(turns: list[dict[str, str]]) -> str:
+    """A trajectory's turns after the prompt, each visible: "[assistant] ...", "[tool] ..."."""
+    return "\n".join(f"[{m['role']}] {m['content']}" for m in turns)
 
 
 def make_batch(cfg: Any, sampled: Sampled, learner: LearnerGroup) -> tuple[TrainBatch, torch.Tensor, int]:
@@ -128,6 +134,26 @@ def save_outputs(cfg: Any, actors: Actors) -> Path:
             "engine_checksums": actors.sync.last_checksums}
     (out / "sync.json").write_text(json.dumps(sync, indent=1))
     return policy
+
+
+def trajectory_metrics(completions: list) -> dict[str, float]:
+    """`env/*` for multi-turn trajectories (nothing for single replies): turns per trajectory (mean,
+    max), tool calls, errors, timeouts and malformed calls per trajectory, tokens by role, and the
+    share of trajectories cut by each limit."""
+    infos = [c.info for c in completions if c.info is not None]
+    if not infos:
+        return {}
+    n = len(infos)
+    total = lambda key: sum(i.get(key, 0.0) for i in infos)  # noqa: E731
+    out = {"env/turns_mean": total("turns") / n, "env/turns_max": max(i.get("turns", 0.0) for i in infos),
+           "env/policy_tokens_mean": total("policy_tokens") / n, "env/env_tokens_mean": total("env_tokens") / n}
+    for key in ("tool_calls", "tool_errors", "tool_timeouts", "tool_malformed", "env_errors"):
+        out[f"env/{key}_per_trajectory"] = total(key) / n
+    calls = total("tool_calls") + total("tool_malformed")
+    out["env/well_formed_call_rate"] = total("tool_calls") / calls if calls else float("nan")
+    for cut in ("max_turns", "max_total_tokens", "turn_length"):
+        out[f"env/cut_{cut}"] = total(f"cut_{cut}") / n
+    return out
 
 
 def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
@@ -165,6 +191,7 @@ def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: di
         **{k: v for k, v in sampled.metrics.items() if not k.startswith("time/")},
         **reasoning_metrics([c.text for c in completions], [len(c.token_ids) for c in completions],
                             markers=reasoning.reflection_markers, open=reasoning.open_tag, close=reasoning.close_tag),
+        **trajectory_metrics(completions),
         "learner/padding_sequences": float(padded),
         **{f"learner/{k}": v for k, v in learner.items()},
         "perf/tokens_per_s": float(lengths.sum()) / max(times["time/generate"], 1e-9),
