@@ -133,8 +133,8 @@ class FakeEngine:
     """vLLM's engine as the loop uses it: each request answers, one step later, `reply` tokens
     (cut to the request's max_tokens, finish "length" then), each with logprob -0.5."""
 
-    def __init__(self, reply: list[int]):
-        self.reply, self.queue, self.prompts = reply, {}, []
+    def __init__(self, reply: list[int], text: str = "reply"):
+        self.reply, self.text, self.queue, self.prompts = reply, text, {}, []
 
     def add_request(self, request_id, prompt, params):
         max_tokens, _ = params
@@ -146,14 +146,14 @@ class FakeEngine:
         for rid, max_tokens in list(self.queue.items()):
             ids = self.reply[:max_tokens]
             outs.append(SimpleNamespace(request_id=rid, finished=True, outputs=[SimpleNamespace(
-                token_ids=ids, logprobs=[{t: SimpleNamespace(logprob=-0.5)} for t in ids], text="reply",
+                token_ids=ids, logprobs=[{t: SimpleNamespace(logprob=-0.5)} for t in ids], text=self.text,
                 finish_reason="stop" if len(ids) == len(self.reply) else "length")]))
         self.queue.clear()
         return outs
 
 
-def _run(env, n=2, max_tokens=8, max_turns=3, max_total=100, reply=(5, 6, 7)):
-    engine, counter = FakeEngine(list(reply)), iter(range(10**6))
+def _run(env, n=2, max_tokens=8, max_turns=3, max_total=100, reply=(5, 6, 7), text="reply"):
+    engine, counter = FakeEngine(list(reply), text), iter(range(10**6))
     prompts = [(Prompt(str(i), f"q{i}"), [1, 2, 3], SamplingSpec(n=n, max_tokens=max_tokens, seed=0)) for i in range(2)]
     limits = multiturn.Limits(max_turns=max_turns, max_total_tokens=max_total, max_model_len=1000)
     from common.models import byte_tokenizer
@@ -313,3 +313,18 @@ def test_smoke_run_with_a_two_turn_environment(tmp_path, cache_dir):
     assert all(r["env/env_tokens_mean"] > 0 and r["env/cut_max_turns"] == 0 for r in steps)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert any("[tool] noted 1" in s["trajectory"] for s in samples)
+
+
+def test_the_readmes_custom_environment_runs(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"A custom environment .*?```python\n(.*?)```", readme, re.DOTALL).group(1)
+    assert len(code.splitlines()) <= 22
+    scope: dict = {}
+    exec(compile(code, "README", "exec"), scope)
+    (group, *_), _, _ = _run(scope["Guess"](max_turns=5), text="12", max_total=500, max_turns=5)  # always guesses 12
+    c = group.completions[0]
+    assert c.info["turns"] == 5 and c.info["guesses"] == 5 and c.info["cut_max_turns"] == 1
+    assert [m["content"] for m in c.turns if m["role"] == "user"] == ["higher"] * 4
