@@ -14,7 +14,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from learner.weights import BroadcastTransport, checksum, new_secret
+from learner.group_store import new_secret
+from learner.weights import BroadcastTransport, checksum
 from learner.worker import free_port
 
 

@@ -320,7 +320,8 @@ def check_shared_transport():
     exercises the shared-memory-file path of the same code."""
     import torch.multiprocessing as mp
 
-    from learner.weights import TensorSpec, checksum, make_transport, new_secret, pack, plan_buckets
+    from learner.group_store import new_secret
+    from learner.weights import TensorSpec, checksum, make_transport, pack, plan_buckets
     from learner.worker import free_port
 
     wire = torch.bfloat16
@@ -384,7 +385,8 @@ def check_broadcast_transport():
 
     Only a GPU shows the NCCL path: ProcessGroupNCCL over our SignedStore (NCCL's unique id passes
     through the signed view), its timeout options and `abort()`; CI only ever runs gloo."""
-    from learner.weights import checksum, make_transport, new_secret
+    from learner.group_store import new_secret
+    from learner.weights import checksum, make_transport
     from learner.worker import free_port
 
     backend = "nccl" if CUDA else "gloo"

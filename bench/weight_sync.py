@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from learner.weights import TensorSpec, make_transport, new_secret, plan_buckets  # noqa: E402
+from learner.group_store import new_secret  # noqa: E402
+from learner.weights import TensorSpec, make_transport, plan_buckets  # noqa: E402
 
 
 class Peer:

@@ -340,7 +340,7 @@ class LearnerWorker:
                           roots: list[str] | None = None, manifest: list | None = None) -> None:
         """Rank 0 joins the broadcast group as its root, other ranks only remember the plan; with
         `roots` (shared memory, colocated) rank r is the root of its own pair at `roots[r]`.
-        `secret`: the group's, from the driver (see `learner.weights.join_store`). `manifest`: what
+        `secret`: the group's, from the driver (see `learner.group_store.join_store`). `manifest`: what
         to send, the engines' plan too (default: `weight_manifest()`)."""
         self.wire_dtype = getattr(torch, dtype)
         element_size = torch.empty((), dtype=self.wire_dtype).element_size()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from actors.types import Prompt, SamplingSpec
-from learner.weights import BroadcastTransport, TensorSpec, checksum, checksums_match, new_secret, pack, plan_buckets
+from learner.group_store import new_secret
+from learner.weights import BroadcastTransport, TensorSpec, checksum, checksums_match, pack, plan_buckets
 from learner.worker import free_port
 
 GREEDY = SamplingSpec(n=1, temperature=0.0, max_tokens=12)

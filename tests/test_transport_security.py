@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from learner.weights import SharedTransport, SignedStore, _share, checksum, join_store, make_transport
+from learner.group_store import SignedStore, join_store
+from learner.weights import SharedTransport, _share, checksum, make_transport
 
 SECRET = "a0" * 32
 

@@ -25,7 +25,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from learner.group import LearnerGroup, LearnerLost
-from learner.weights import NCCL_GRACE_S, checksums_match, new_secret, post_abort
+from learner.group_store import new_secret
+from learner.weights import NCCL_GRACE_S, checksums_match, post_abort
 from orchestration.cluster.pools import RolloutPool, _why
 
 log = logging.getLogger("raygrpo")
