@@ -141,7 +141,7 @@ def _observe(t: Trajectory, future: cf.Future, env: Environment, tokenizer: Any,
         return finish(t, "stop")
     if t.turns >= limits.max_turns:
         return finish(t, "max_turns")
-    obs = observation_ids(tokenizer, result.messages, eot)
+    obs = observation_ids(tokenizer, result.messages, eot, closed=t.ids[-1] in eot if t.ids else True)
     if len(t.ids) + len(obs) >= limits.max_total_tokens:
         return finish(t, "max_total_tokens")
     t.ids += obs

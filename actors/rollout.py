@@ -5,6 +5,9 @@ sampled token is taken after temperature (and top-k/top-p) — the distribution 
 really drawn from. The learner divides its logits by the same temperature; with top_p=1 and
 top_k=-1 the two agree to float precision (a measured mismatch beyond that is a bug).
 
+With a multi-turn environment (`spec.env`, see `envs`), each of a prompt's G samples is a
+trajectory of replies and observations driven by `actors.multiturn`; otherwise one reply.
+
 On CPU the engine core runs inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so no
 engine process can outlive a killed actor; `shutdown()` stops an engine's processes gracefully
 where it has some (GPU: vLLM's engine core and workers are child processes).

@@ -65,13 +65,14 @@ def render_tools(messages: list[Message], tools: list[dict]) -> list[Message]:
     return [{"role": "system", "content": text}] + messages
 
 
-def observation_ids(tokenizer: Any, observation: list[Message], eot: set[int]) -> list[int]:
-    """Ids to append after a reply that ended with an end-of-turn token: what the template puts
-    after that token, the observation's messages, and the next generation prompt."""
+def observation_ids(tokenizer: Any, observation: list[Message], eot: set[int], closed: bool = True) -> list[int]:
+    """Ids to append after a reply: what the template puts after the reply's end-of-turn token,
+    the observation's messages, and the next generation prompt. `closed=False` (a reply that
+    stopped on a stop string, without the end-of-turn token) starts with that token too."""
     base = _ids(tokenizer, _BASE)
     full = _ids(tokenizer, _BASE + observation, add_generation_prompt=True)
     if full[:len(base)] != base:
         raise ValueError("the chat template renders earlier turns differently once more follow; "
                          "multi-turn trajectories need a template that appends turns")
     last = max((i for i, t in enumerate(base) if t in eot), default=len(base) - 1)
-    return base[last + 1:] + full[len(base):]
+    return base[last + int(closed):] + full[len(base):]

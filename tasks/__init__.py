@@ -9,7 +9,7 @@ from tasks.base import Problem, Task
 
 def make_task(cfg: Any) -> Task:
     """The run's task: `data.*` files when any are given (an eval stage loads only val_files),
-    else the arithmetic generator (`task.*`). Raises DataError (a ConfigError) for unusable data."""
+    else reasoning-gym (`task.name=reasoning_gym`) or the arithmetic generator (`task.*`). Raises DataError (a ConfigError) for unusable data."""
     d = cfg.data
     train_files = list(d.train_files) if cfg.stage in ("train", "rejection_sampling") else []
     if train_files or d.val_files:
@@ -17,9 +17,13 @@ def make_task(cfg: Any) -> Task:
 
         return FileTask(train_files, list(d.val_files), prompt_key=d.prompt_key, answer_key=d.answer_key,
                         seed=cfg.seed, batch_size=cfg.rollout.prompts_per_step, epochs=d.epochs, shuffle=d.shuffle)
+    t = cfg.task
+    if t.name == "reasoning_gym":
+        from tasks.gym import GymTask
+
+        return GymTask(t.gym_dataset, seed=t.seed, test_size=t.test_size)
     from tasks.arithmetic import ArithmeticTask
 
-    t = cfg.task
     return ArithmeticTask(seed=t.seed, min_operand=t.min_operand, max_operand=t.max_operand,
                           num_operands=t.num_operands, ops=t.ops, test_size=t.test_size, instruction=t.instruction)
 

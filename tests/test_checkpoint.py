@@ -179,9 +179,14 @@ def a_run_state():
                 "p1": Problem("p1", "3+3?", "6", {}, "t:2")}
     groups = [Group(Prompt("p0", chat, "sys"), [5, 6, 7], [Completion([1, 2], [-0.1, -1e-300], "stop", "4"),
                                                              Completion([3], [float("-inf")], "length", "x")], 2),
-              Group(Prompt("p1", "3+3?"), [8], [Completion([], [], "abort", "")], 3)]
+              Group(Prompt("p1", "3+3?"), [8], [Completion([], [], "abort", ""),  # a multi-turn trajectory:
+                                                Completion([1, 9, 9, 2], [-0.5, 0.0, 0.0, -0.25], "stop", "6",
+                                                           mask=[1, 0, 0, 1],
+                                                           turns=[{"role": "assistant", "content": "a"},
+                                                                  {"role": "tool", "content": "6"}],
+                                                           info={"turns": 2.0, "tool_calls": 1.0})], 3)]
     scores = [[Score(1.0, {"accuracy": 1.0}, "ok"), Score(0.0, {}, "failed", "timeout after 5 s")],
-              [Score(0.1 + 0.2, {"accuracy": 0.1 + 0.2}, "ok")]]
+              [Score(0.1 + 0.2, {"accuracy": 0.1 + 0.2}, "ok"), Score(1.0, {"accuracy": 1.0}, "ok")]]
     sampled = Sampled(groups, scores, ["p9"], {"time/generate": 1.25, "sampling/rounds": 1.0}, problems)
     evals = [EvalResult({"eval/accuracy": 0.5}, [{"prompt": "q", "answer": "1", "reply": "r", "correct": True}])]
     return RunState(step=7, version=6, evals=evals, pending={"eval/pass@4": 0.75}, queued={7: sampled, 8: sampled},

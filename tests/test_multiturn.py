@@ -42,6 +42,8 @@ def test_observations_are_the_templates_delta_after_the_end_of_turn_token(tokeni
     assert ids + second == rendered[:len(ids + second)]
     text = tokenizer.decode(observation_ids(tokenizer, tool, eot))
     assert text == "\n<|im_start|>tool\n408<|endoftext|>\n<|im_start|>assistant\n"
+    unclosed = tokenizer.decode(observation_ids(tokenizer, tool, eot, closed=False))  # a reply cut by a stop string
+    assert unclosed == "<|endoftext|>" + text
 
 
 def test_a_chatml_template_with_its_own_end_of_turn_token(tokenizer):
@@ -167,8 +169,8 @@ def _run(env, n=2, max_tokens=8, max_turns=3, max_total=100, reply=(5, 6, 7), te
 def test_trajectories_concatenate_replies_and_observations_with_a_mask():
     groups, engine, tok = _run(env_fixtures.Echo())
     assert sorted(g.prompt.id for g in groups) == ["0", "1"] and all(g.version == 7 for g in groups)
-    obs = observation_ids(tok, [{"role": "tool", "content": "noted 1"}], {tok.eos_token_id})
-    for c in (c for g in groups for c in g.completions):
+    obs = observation_ids(tok, [{"role": "tool", "content": "noted 1"}], {tok.eos_token_id}, closed=False)
+    for c in (c for g in groups for c in g.completions):  # the fake's replies end without the EOS token
         assert c.token_ids == [5, 6, 7] + obs + [5, 6, 7]
         assert c.mask == [1, 1, 1] + [0] * len(obs) + [1, 1, 1]
         assert c.logprobs == [-0.5] * 3 + [0.0] * len(obs) + [-0.5] * 3
@@ -265,7 +267,9 @@ def test_the_learner_scores_a_real_engines_trajectories_token_for_token(ray_loca
     assert len(two_turns) >= 4, [c.info for c in completions]
     for c in two_turns:
         first = c.mask.index(0)
-        assert c.token_ids[first:first + len(obs)] == obs and c.mask[first:first + len(obs)] == [0] * len(obs)
+        closed = c.token_ids[first - 1] == tok.eos_token_id  # else it stopped on a stop string: the template's
+        expect = obs if closed else [tok.eos_token_id] + obs  # end-of-turn token comes with the observation
+        assert c.token_ids[first:first + len(expect)] == expect and c.mask[first:first + len(expect)] == [0] * len(expect)
         assert c.finish_reason == "stop" and [m["role"] for m in c.turns] == ["assistant", "tool", "assistant"]
     assert groups[0].prompt_token_ids == prompt_ids(tok, prompts[0].messages(), None)
     batch = TrainBatch(prompt_ids=[g.prompt_token_ids for g in groups for _ in g.completions],

@@ -36,6 +36,7 @@ REWARDS: Mapping[str, RewardFn] = LazyRegistry({
     "code_tests": "actors.rewards.code:code_tests",
     "think_format": "actors.rewards.reasoning:think_format",
     "language_consistency": "actors.rewards.reasoning:language_consistency",
+    "reasoning_gym": "actors.rewards.gym:reasoning_gym",  # with task.name=reasoning_gym
 })
 
 

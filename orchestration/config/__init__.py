@@ -46,7 +46,11 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    """Task that produces prompts and reference answers. Known: `arithmetic`."""
+    """Task that produces prompts and reference answers: `arithmetic` (the generator below) or
+    `reasoning_gym` (a reasoning-gym dataset, `task.gym_dataset`, scored by the `reasoning_gym`
+    reward; needs the `gym` extra)."""
+    gym_dataset: str = "leg_counting"
+    """reasoning-gym dataset of `task.name=reasoning_gym` (any name `reasoning_gym.create_dataset` knows)."""
     seed: int = 0
     """Seed of the task's problem generator (train/test splits derive from it)."""
     min_operand: int = 1
@@ -500,7 +504,8 @@ def validate(cfg: Any) -> None:
            f"learner.micro_batch_tokens ({l.micro_batch_tokens}) must hold one full sequence "
            f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens})")
     validate_rewards(cfg)
-    check(cfg.task.name == "arithmetic", f"unknown task {cfg.task.name!r} (known: arithmetic)")
+    check(cfg.task.name in ("arithmetic", "reasoning_gym"),
+          f"unknown task {cfg.task.name!r} (known: arithmetic, reasoning_gym)")
     d = cfg.data
     check(d.epochs >= 1, f"data.epochs must be >= 1, got {d.epochs}")
     check(bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key and data.answer_key must not be empty")
