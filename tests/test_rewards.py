@@ -104,7 +104,7 @@ def test_single_number(completion, expected):
 
 def test_registry_names():
     assert set(REWARDS) == {"accuracy", "accuracy_strict", "format", "single_number", "digits", "code_tests",
-                            "think_format", "language_consistency"}
+                            "think_format", "language_consistency", "reasoning_gym"}
     assert resolve("format") is format_reward
 
 
