@@ -39,6 +39,7 @@ class Trajectory:
     messages: list[Message]  # the chat so far
     state: Any  # the environment's
     seed: int | None
+    opening: int = 0  # messages the environment opened with (`reset`): the exchange follows them
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
@@ -64,7 +65,8 @@ def run(engine: Any, tokenizer: Any, env: Environment, prompts: list[tuple[Promp
         group = []
         for j in range(spec.n):
             opening, state = env.reset(prompt.messages())
-            group.append(Trajectory(g, list(opening), state, None if spec.seed is None else spec.seed + j))
+            group.append(Trajectory(g, list(opening), state, None if spec.seed is None else spec.seed + j,
+                                    opening=len(opening)))
         trajectories.append(group)
     running: dict[str, Trajectory] = {}
     stepping: dict[cf.Future, Trajectory] = {}
@@ -159,5 +161,5 @@ def _group(item: tuple[Prompt, list[int], SamplingSpec], ts: list[Trajectory], v
         t.info["turns"] = float(t.turns)
         reason = "stop" if t.finish == "stop" else "length" if t.finish in CUTS else "abort"
         completions.append(Completion(token_ids=t.ids, logprobs=t.logprobs, finish_reason=reason, text=t.reply,
-                                      mask=t.mask, turns=t.messages[len(prompt.messages()):], info=t.info))
+                                      mask=t.mask, turns=t.messages[t.opening:], info=t.info))
     return Group(prompt=prompt, prompt_token_ids=ids, version=version, completions=completions)
