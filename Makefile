@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.raygrpo-installed
 EXTRA  ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install sandbox demo r1 test test-fast smoke clean
+.PHONY: install sandbox demo r1 tools test test-fast smoke clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ demo: $(STAMP)
 
 r1: $(STAMP)
 	$(VENV)/bin/raygrpo experiment=r1_cpu
+
+tools: $(STAMP)
+	$(VENV)/bin/raygrpo experiment=tools_cpu
 
 test: $(STAMP) sandbox
 	$(PY) -m pytest -q

@@ -2,7 +2,9 @@
 
 A trajectory is a prompt's chat plus turns: the policy's reply (sampled tokens, kept as sampled),
 then the environment's observation (`envs.base.Environment.step`, run in a thread pool beside the
-engine), then the next reply, until the environment ends it or a limit cuts it. Replies of all
+engine), then the next reply, until the environment ends it or a limit cuts it. Each opens with
+`envs.base.open_trajectory` (the problem for environments that take it) and is closed with
+`envs.base.close_trajectory` however it ends. Replies of all
 trajectories decode in one engine batch; a trajectory waiting for its environment holds no slot,
 and its next turn is a new request whose prompt is everything so far (prefix caching reuses the
 cached KV of the earlier turns). A group is yielded as soon as its G trajectories are done.
@@ -10,7 +12,8 @@ cached KV of the earlier turns). A group is yielded as soon as its G trajectorie
 Each trajectory becomes one `Completion`: its ids are the concatenation after the prompt, `mask`
 marks the policy's tokens (1) and the observations' (0), `logprobs` are the engine's for the
 policy's tokens (0 elsewhere), `text` is the final reply (what rewards score), `turns` the whole
-exchange and `info` its counters (turns, tool calls, errors, timeouts, cuts).
+exchange and `info` its counters (turns, tool calls, errors, timeouts, cuts, `turn_reward` the sum
+of the environment's per-turn rewards: what the `env` reward scores).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from actors.types import Completion, Group, Prompt, SamplingSpec
-from envs.base import Environment, Message
+from envs.base import Environment, Message, close_trajectory, open_trajectory
 from envs.tokens import observation_ids
 
 CUTS = ("max_turns", "max_total_tokens", "turn_length")  # why a trajectory was cut (counted in `info`)
@@ -64,7 +67,7 @@ def run(engine: Any, tokenizer: Any, env: Environment, prompts: list[tuple[Promp
     for g, (prompt, _, spec) in enumerate(prompts):
         group = []
         for j in range(spec.n):
-            opening, state = env.reset(prompt.messages())
+            opening, state = open_trajectory(env, prompt)
             group.append(Trajectory(g, list(opening), state, None if spec.seed is None else spec.seed + j,
                                     opening=len(opening)))
         trajectories.append(group)
@@ -86,6 +89,7 @@ def run(engine: Any, tokenizer: Any, env: Environment, prompts: list[tuple[Promp
         t.finish = why
         if why in CUTS:
             t.count(f"cut_{why}")
+        pool.submit(close_trajectory, env, t.state)  # beside the engine, like its steps
         remaining[t.group] -= 1
 
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raygrpo-env") as pool:

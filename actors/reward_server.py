@@ -14,12 +14,13 @@ and reading a reply must never run anything.  Messages are JSON arrays:
    ``["error", message, id]`` when a function raised (the child keeps serving
    after an error); ``id`` is the request's, echoed so that a reply forged by
    someone who does not know it is refused:
-   - ``["sample", id, completion, answer, prompt, metadata]``: every
+   - ``["sample", id, completion, answer, prompt, metadata, info]``: every
      per-sample function on one completion; result ``{name: value}``;
-   - ``["group", id, completions, answer, prompt, metadata]``: every batched
+   - ``["group", id, completions, answer, prompt, metadata, infos]``: every batched
      function on a whole group; result ``[{name: value}, ...]``, one per completion.
-   ``prompt`` (a string, or chat messages: a tuple of dicts again in the child)
-   and ``metadata`` reach only functions that ask for them.  Values JSON cannot
+   ``prompt`` (a string, or chat messages: a tuple of dicts again in the child),
+   ``metadata`` and ``info`` (the completion's trajectory counters; for a group,
+   a list of them) reach only functions that ask for them.  Values JSON cannot
    hold arrive converted (:func:`plain`: arrays as lists, datetimes as ISO text,
    anything else as ``str``).
 
@@ -119,11 +120,11 @@ def _private_pipes() -> tuple[BinaryIO, BinaryIO]:
 
 def _score(functions: dict, request: list) -> tuple[str, Any]:
     """Run the request's functions: ``("ok", parts)`` or ``("error", text)``."""
-    kind, _, first, answer, prompt, metadata = request
+    kind, _, first, answer, prompt, metadata, info = request
     group = kind == "group"
     if isinstance(prompt, list):  # chat messages travel as a JSON array; functions get them as before
         prompt = tuple(prompt)
-    context = {"prompt": prompt, "metadata": metadata}
+    context = {"prompt": prompt, "metadata": metadata, "info": info}
     parts: list[dict[str, float]] = [{} for _ in first] if group else [{}]
     for name, (fn, batched, wants) in functions.items():
         if batched != group:

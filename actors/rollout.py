@@ -63,6 +63,9 @@ class RolloutActor:
             logprobs_mode="processed_logprobs", enable_prefix_caching=True,
             enforce_eager=not gpu,  # CPU: no torch.compile warm-up (starts in half the time here); GPU: graphs
             **({"enable_sleep_mode": True} if colocated and gpu else {}),
+            # LoRA synced as an adapter: one adapter served at a time, the next one loaded beside it
+            **({"enable_lora": True, "max_lora_rank": spec.lora_rank, "max_loras": 1, "max_cpu_loras": 2}
+               if spec.lora_rank else {}),
             # Requests carry their own sampling seeds. vLLM rewinds a seeded request's generator when
             # it discards the sample of a partly prefilled prompt, which CPU generators cannot do
             # ("CPU Generator does not use offset", the engine dies): on CPU a step's token budget
@@ -84,6 +87,10 @@ class RolloutActor:
         self.version = 0
         self.partial = False  # a sync failed midway: some weights new, some old; serve nothing until a full one
         self.requests = 0  # request ids handed to the engine so far
+        self.lora = None  # the LoRARequest of the adapter every request is served with (the newest)
+        self.lora_dir = tempfile.mkdtemp(prefix="raygrpo-lora-") if spec.lora_rank else None
+        self.lora_ids = 0  # LoRA ids handed out (vLLM caches adapters by id: a new one per sync)
+        self.adapter_sync = False  # the weight group brings LoRA adapters, not full weights
 
     def ready(self) -> bool:
         """True; answered once the engine is up and the calls queued before this one are done."""
@@ -94,6 +101,8 @@ class RolloutActor:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+        if getattr(self, "lora_dir", None):
+            shutil.rmtree(self.lora_dir, ignore_errors=True)
         if getattr(self, "token_dir", None):
             shutil.rmtree(self.token_dir, ignore_errors=True)
         return True
@@ -101,9 +110,12 @@ class RolloutActor:
     def encode(self, prompt: Prompt) -> list[int]:
         if self.env is None:
             return prompt.token_ids(self.tokenizer)
+        from envs.base import close_trajectory, open_trajectory
         from envs.tokens import prompt_ids
 
-        return prompt_ids(self.tokenizer, self.env.reset(prompt.messages())[0], self.env.tools())
+        opening, state = open_trajectory(self.env, prompt)  # the environment's opening chat
+        close_trajectory(self.env, state)
+        return prompt_ids(self.tokenizer, opening, self.env.tools())
 
     def generate(self, prompts: list[Prompt], spec: SamplingSpec | list[SamplingSpec]) -> GenerateResult:
         """Sample `spec.n` completions for each prompt, all at once (see `stream`), in prompt order."""
@@ -125,7 +137,7 @@ class RolloutActor:
             ids = self.encode(prompt)
             (dropped.append(prompt.id) if len(ids) > self.max_prompt_tokens else kept.append((prompt, ids, one)))
         yield GenerateResult(groups=[], dropped=dropped)
-        engine = self.llm.llm_engine
+        engine = self.llm.llm_engine if self.lora is None else WithAdapter(self.llm.llm_engine, self.lora)
         if self.env is not None:
             yield from self._trajectories(engine, kept)
             return
@@ -187,22 +199,67 @@ class RolloutActor:
     # ---- weight sync (the learner drives the other side of each call)
 
     def join_weight_group(self, **kwargs) -> list[int]:
-        """Every engine worker joins the broadcast group; returns their ranks."""
+        """Every engine worker joins the broadcast group; returns their ranks. With an
+        `adapter_config` the group's syncs bring LoRA adapters (`receive_weights`)."""
+        if kwargs.get("adapter_config") is not None and self.lora_dir is None:
+            raise RuntimeError("the learner syncs a LoRA adapter, but this engine runs without LoRA (lora_rank 0)")
+        self.adapter_sync = kwargs.get("adapter_config") is not None
         return self.llm.collective_rpc("join_weight_group", kwargs=kwargs)
 
     def receive_weights(self, version: int) -> list[tuple[int, int]]:
-        """Receive and load a full set of weights; returns worker 0's per-bucket checksums. A sleeping
-        (colocated) engine takes its weight memory back first, and only that: its KV cache waits
-        until the learner has left the device (`launch.Actors.handover`)."""
+        """Receive and load a full set of weights (or, with LoRA synced as an adapter, a new adapter);
+        returns worker 0's per-bucket checksums. A sleeping (colocated) engine takes its weight memory
+        back first, and only that: its KV cache waits until the learner has left the device
+        (`launch.Actors.handover`)."""
         self.wake_up(["weights"])
         self.partial = True  # until every bucket of every worker is in
-        per_worker = self.llm.collective_rpc("receive_weights")
+        adapter = os.path.join(self.lora_dir, f"v{version}-{self.lora_ids + 1}") \
+            if self.adapter_sync else None
+        per_worker = self.llm.collective_rpc("receive_weights", kwargs={"adapter_dir": adapter})
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         first = per_worker[0]
         if any(sums != first for sums in per_worker[1:]):
             raise RuntimeError("tensor-parallel workers of one engine received different weights")
+        self._serve_adapter(adapter, version)  # None: full weights, served without an adapter
         self.version, self.partial = version, False
         return first
+
+    def _serve_adapter(self, path: str | None, version: int) -> None:
+        """Load the adapter at `path` under a new id, then drop the one served so far: from now on every
+        request is served with this one, and the engine holds no older adapter (`path` None: none)."""
+        from vllm.lora.request import LoRARequest
+
+        old, engine = self.lora, self.llm.llm_engine
+        if path is not None:
+            self.lora_ids += 1
+            new = LoRARequest(f"raygrpo-v{version}", self.lora_ids, path)
+            if not engine.add_lora(new):
+                raise RuntimeError(f"the engine did not load the LoRA adapter of v{version}")
+            self.lora = new
+        else:
+            self.lora = None
+        if old is not None:
+            engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
+    def adapters(self) -> dict:
+        """The adapters this engine holds (vLLM's ids) and the one it serves (None: no LoRA adapter)."""
+        loaded = sorted(self.llm.llm_engine.list_loras()) if self.lora_dir else []
+        return {"loaded": loaded, "serving": self.lora.lora_int_id if self.lora else None,
+                "name": self.lora.lora_name if self.lora else None}
+
+
+class WithAdapter:
+    """An engine whose requests all carry one LoRA adapter (multi-turn code adds requests itself)."""
+
+    def __init__(self, engine, lora):
+        self._engine, self._lora = engine, lora
+
+    def add_request(self, *args, **kwargs):
+        return self._engine.add_request(*args, lora_request=self._lora, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
 
 
 def pass_ray_to_engine_core() -> str | None:

@@ -209,10 +209,12 @@ class Scorer:
 
     def _score_group(self, r: ScoreRequest) -> list[Score]:
         context = (r.answer, r.prompt, r.metadata)
-        replies = [self._request("sample", c, context, self.timeout_s) if self._sample_names else ("ok", {})
-                   for c in r.completions]
+        infos = r.infos or [{} for _ in r.completions]  # `info` of each completion: {} for single replies
+        replies = [self._request("sample", c, (*context, info), self.timeout_s) if self._sample_names else ("ok", {})
+                   for c, info in zip(r.completions, infos)]
         if self._group_names and r.completions:
-            status, payload = self._request("group", r.completions, context, self.timeout_s * len(r.completions))
+            status, payload = self._request("group", r.completions, (*context, infos),
+                                            self.timeout_s * len(r.completions))
             if status != "ok":
                 replies = [(status, payload)] * len(replies)
             else:

@@ -29,3 +29,4 @@ class EngineSpec:
     # executor puts one worker each on (set per slot by the pool's launcher; () for TP 1).
     engine_bundles: tuple[int, ...] = ()
     env: EnvSpec = field(default_factory=EnvSpec)  # multi-turn rollouts (`env.*`); the default: one reply
+    lora_rank: int = 0  # > 0: vLLM's LoRA on (`max_lora_rank`); the sync then loads an adapter (`learner.lora`)

@@ -19,6 +19,10 @@ class Prompt:
     id: str
     content: Union[str, Messages]  # the user message (wrapped in the chat template), or a whole chat
     system: str = ""  # optional system message, put first unless the chat has its own
+    # The problem's reference answer and row (`tasks.base.Problem`), for environments that judge
+    # replies themselves (`envs.base.open_trajectory`); the chat alone decides the prompt's tokens.
+    answer: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def messages(self) -> list[dict[str, str]]:
         """The chat to template: the system message (unless the chat has one), then the prompt."""
@@ -98,3 +102,6 @@ class ScoreRequest:
     answer: str
     prompt: Union[str, Messages] = ""  # for reward functions that ask for `prompt`
     metadata: dict[str, Any] = field(default_factory=dict)  # the data row's other columns
+    # [G] each completion's trajectory counters (`Completion.info`, {} for a single reply), for
+    # reward functions that ask for `info`; empty: none (as single replies)
+    infos: list[dict[str, float]] = field(default_factory=list)

@@ -12,9 +12,16 @@ warning), else the sync fails naming them — a wrong name (a converted architec
 runtime names, a missing tensor) is an error, never an engine serving stale weights. Most of a CPU sync is that reload: vLLM-CPU keeps linear weights only packed for oneDNN
 (their parameters are empty placeholders, so the model's `load_weights` fails after the first
 load), and the reload rebuilds each layer's weights and packs them again.
+
+With LoRA synced as an adapter (`learner.lora.sync=adapter`) the buckets hold only the adapter's A
+and B tensors: worker 0 writes them, with the `adapter_config.json` the learner sent at the join, as a
+peft directory the engine then loads as a new LoRA adapter (`RolloutActor.receive_weights`).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 
@@ -26,9 +33,11 @@ class WeightSyncExtension:
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
                           generation: int, timeout_s: float, manifest: list[tuple[str, tuple[int, ...]]],
-                          dtype: str, bucket_bytes: int, secret: str) -> int:
+                          dtype: str, bucket_bytes: int, secret: str, adapter_config: str | None = None) -> int:
         """Join generation `generation` of the broadcast group as rank `rank_offset + self.rank`,
-        proving the group's `secret` (from the driver, through Ray) to its root."""
+        proving the group's `secret` (from the driver, through Ray) to its root. `adapter_config`:
+        peft's adapter_config.json when the manifest is a LoRA adapter's tensors."""
+        self._adapter_config = adapter_config
         old = getattr(self, "_weight_transport", None)
         if old is not None:
             old.close()
@@ -41,8 +50,9 @@ class WeightSyncExtension:
                                                 secret=secret)
         return rank
 
-    def receive_weights(self) -> list[tuple[int, int]]:
-        """Receive every bucket, load it into the model, return one checksum per bucket."""
+    def receive_weights(self, adapter_dir: str | None = None) -> list[tuple[int, int]]:
+        """Receive every bucket, load it into the model, return one checksum per bucket. With
+        `adapter_dir` (a LoRA adapter's tensors): write them there as a peft directory instead."""
         sums: list = []  # per bucket, on the device until the end
 
         def stream():
@@ -53,6 +63,9 @@ class WeightSyncExtension:
                 sums.append(device_checksum(buf))
                 yield from unpack(buf, bucket)
 
+        if adapter_dir is not None:
+            self._write_adapter(stream(), adapter_dir)
+            return read_checksums(sums)
         head, embedding = self._tied_lm_head()
         old_gemm = getattr(embedding, "cpu_linear", None)
         loaded = self._reload(stream())
@@ -65,12 +78,27 @@ class WeightSyncExtension:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # loaded before the engine samples again
         model = self.model_runner.get_model()
-        missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+        # a LoRA-enabled engine wraps its linear layers: their weights load under the plain names
+        missing = sorted({name.replace(".base_layer.", ".") for name, _ in model.named_parameters()} - loaded)
         if missing:
             raise RuntimeError(f"the engine loaded {len(loaded)} parameters but not {len(missing)} of its own: "
                                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (names the model does not "
                                "load: a converted architecture sent by its runtime names, or a tensor missing)")
         return read_checksums(sums)
+
+    def _write_adapter(self, weights, directory: str) -> None:
+        """Worker 0 writes the received adapter tensors and the join's adapter_config.json (the
+        engine's tensor-parallel workers share its node and read the same files)."""
+        from safetensors.torch import save_file
+
+        if self._adapter_config is None:
+            raise RuntimeError("an adapter sync, but the weight group was joined without an adapter config")
+        tensors = {name: t.to("cpu", copy=True).contiguous() for name, t in weights}  # views of one buffer: copied
+        if self.rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+            with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+                f.write(json.dumps(json.loads(self._adapter_config)))  # known to be JSON before it is written
 
     def _reload(self, weights) -> set[str]:
         """Run the Worker's `reload_weights` (it sets vLLM's config context) and return the names

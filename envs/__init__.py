@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from envs.base import Environment, SingleTurn, StepResult
+from envs.base import Environment, SingleTurn, StepResult, close_trajectory, open_trajectory
 
-__all__ = ["EnvSpec", "Environment", "SingleTurn", "StepResult", "make_env"]
+__all__ = ["EnvSpec", "Environment", "SingleTurn", "StepResult", "close_trajectory", "make_env", "open_trajectory"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class EnvSpec:
     max_turns: int = 1
     tool_timeout_s: float = 5.0
     max_total_tokens: int = 0  # 0: rollout.max_new_tokens × max_turns
+    skyrl_config: dict[str, Any] = field(default_factory=dict, hash=False)  # a skyrl-gym env's `env_config`
 
     @property
     def multi_turn(self) -> bool:
@@ -27,9 +29,14 @@ class EnvSpec:
 
 def make_env(spec: EnvSpec) -> Environment:
     """"single" (one reply), "tools" (`envs.tools.ToolEnv` with `spec.tools`, see `envs.tools.resolve_tool`),
-    or "package.module:Class", built as Class(max_turns=..., tool_timeout_s=...)."""
+    "skyrl:<id>" (a skyrl-gym environment, `envs.skyrl.SkyRLEnv`), or "package.module:Class", built
+    as Class(max_turns=..., tool_timeout_s=...)."""
     if spec.name == "single":
         return SingleTurn()
+    if spec.name.startswith("skyrl:"):
+        from envs.skyrl import SkyRLEnv
+
+        return SkyRLEnv(spec.name.removeprefix("skyrl:"), max_turns=spec.max_turns, env_config=spec.skyrl_config)
     if spec.name == "tools":
         from envs.tools import ToolEnv, resolve_tool
 

@@ -85,6 +85,14 @@ class LearnerGroup:
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
         return ray.get(self.workers[0].weight_manifest.remote())
 
+    def adapter_config(self) -> str | None:
+        """peft's adapter_config.json when the engines load a LoRA adapter (`learner.lora.sync=adapter`)."""
+        return ray.get(self.workers[0].adapter_config.remote())
+
+    def reference_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Per-sequence completion logprobs under the reference model (LoRA: adapters disabled)."""
+        return self._per_sequence("reference_logprobs", batch)
+
     def join_weight_group(self, **kwargs: Any) -> list[ray.ObjectRef]:
         """Start joining (rank 0 hosts the group); returns refs to wait on with the engines' joins."""
         return [w.join_weight_group.remote(**kwargs) for w in self.workers]
@@ -93,16 +101,17 @@ class LearnerGroup:
         """Start a broadcast; ref 0 resolves to rank 0's per-bucket checksums."""
         return [w.broadcast_weights.remote() for w in self.workers]
 
-    def save_pretrained(self, path: str, driver_node: str | None = None) -> None:
-        """The full policy and tokenizer into `path` on the driver's node (`driver_node`: its Ray node
-        id, by default this process's), fetched file by file when the learner runs on another node."""
+    def save_pretrained(self, path: str, driver_node: str | None = None, merge: bool = False) -> None:
+        """The policy and tokenizer into `path` on the driver's node (`driver_node`: its Ray node
+        id, by default this process's), fetched file by file when the learner runs on another node.
+        With LoRA: the adapter, and with `merge` the merged model (`learner.export`)."""
         from pathlib import Path
 
         node = driver_node or ray.get_runtime_context().get_node_id()
-        names = ray.get([w.save_pretrained.remote(path, node) for w in self.workers])[0]
+        names = ray.get([w.save_pretrained.remote(path, node, merge) for w in self.workers])[0]
         if names:
-            Path(path).mkdir(parents=True, exist_ok=True)
             for name in names:
+                (Path(path) / name).parent.mkdir(parents=True, exist_ok=True)
                 (Path(path) / name).write_bytes(ray.get(self.workers[0].read_export.remote(name)))
             ray.get(self.workers[0].drop_export.remote())
 

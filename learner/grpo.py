@@ -43,7 +43,8 @@ Off-policy correction (asynchronous rollouts, rollout.max_staleness > 0)
     pi/pi_old, and each token's loss is multiplied by the truncated importance
     weight w = min(exp(logp_old - logp_mu), cap) (TIS, as verl and NeMo-RL).
 
-DAPO extras: soft overlong punishment (a length-dependent reward term) and
+DAPO extras: soft overlong punishment (a length-dependent reward term; for a
+multi-turn trajectory the length of its longest reply, `longest_reply`) and
 dynamic sampling (keep only groups whose rewards are not all equal).
 """
 
@@ -127,6 +128,19 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int) -> to
         raise ValueError(f"need 0 < buffer_len <= max_len, got {buffer_len}, {max_len}")
     pen = (max_len - buffer_len - _as_float(lengths)) / buffer_len
     return pen.clamp(min=-1.0, max=0.0)
+
+
+def longest_reply(mask: torch.Tensor) -> torch.Tensor:
+    """Length of each sequence's longest reply: its longest run of policy tokens. mask [B, T]
+    (1 on the policy's tokens; 0 on a multi-turn trajectory's observations and on padding) -> [B]
+    float. A single reply (all ones up to its length) gives its length: what DAPO's overlong
+    punishment measures. Two replies with no observation token between them would count as one."""
+    m = _as_float(mask)
+    if m.shape[1] == 0:
+        return m.new_zeros(m.shape[0])
+    seen = m.cumsum(dim=1)  # policy tokens so far
+    before = torch.where(m == 0, seen, torch.zeros_like(seen)).cummax(dim=1).values  # ... at the last 0
+    return ((seen - before) * m).max(dim=1).values
 
 
 def has_variance(rewards: Iterable[float]) -> bool:

@@ -12,7 +12,7 @@ sync still gathers one parameter at a time. A model whose conversion is not one-
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -20,12 +20,14 @@ Shape = tuple[int, ...]
 
 
 class CheckpointNames:
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, params: list[tuple[str, Shape]] | None = None):
+        """`params`: (runtime name, shape) of what is sent, when not `model.named_parameters()` (a peft
+        model's base parameters under their base names, see `learner.lora`)."""
         from transformers.core_model_loading import revert_weight_conversion
 
         self._revert = revert_weight_conversion
         self.model = model
-        runtime = [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # tied weights once
+        runtime = params if params is not None else [(name, tuple(p.shape)) for name, p in model.named_parameters()]
         self.per_param: dict[str, list[tuple[str, Shape]]] = {}
         for name, shape in runtime:
             out = self._revert(model, {name: torch.empty(shape, device="meta")})
@@ -52,3 +54,14 @@ class CheckpointNames:
         out = self._revert(self.model, {name: full})
         for key, _ in self.per_param[name]:
             yield key, out[key]
+
+    def stream(self, model: torch.nn.Module, wanted: set[str], dtype: torch.dtype,
+               full: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, full tensor in `dtype`) of the `wanted` tensors in manifest order. Every
+        rank gathers the same parameters with `full` (a collective), each cast to `dtype` first, so a
+        bf16 wire gathers half the bytes of the fp32 master weights (the cast is elementwise)."""
+        for name, param in model.named_parameters():
+            if any(key in wanted for key, _ in self.per_param[name]):
+                for key, tensor in self.tensors(name, full(param.to(dtype))):
+                    if key in wanted:
+                        yield key, tensor

@@ -13,6 +13,21 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class LoRASpec:
+    """`learner.lora.*` as the ranks apply it (see orchestration/config/lora.py for each field)."""
+    rank: int = 0  # 0: no LoRA (full fine-tuning)
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("all-linear",)
+    init: str = "default"  # default | gaussian | orthogonal (each leaves the model's output unchanged)
+    sync: str = "merged"  # what a weight sync sends: merged (base + scale·BA, base names) | adapter (A, B alone)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(frozen=True)
 class LearnerSpec:
     model_path: str  # the policy to train: a path or model name, resolved by each rank on its node
     objective: Any  # what the ranks minimise (`learner.objectives`); it says whether a reference model is loaded
@@ -32,3 +47,4 @@ class LearnerSpec:
     cpu_threads: int = 1  # torch threads per rank on CPU
     logits_chunk: int = 0  # positions whose fp32 log-softmax is computed at once (0: all at once)
     share_prompts: bool = False  # one packed row per prompt group (see `learner.batch.pack`) where attention allows
+    lora: LoRASpec = LoRASpec()  # rank > 0: train peft LoRA adapters on the frozen policy (`learner.lora`)

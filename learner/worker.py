@@ -29,6 +29,7 @@ from learner.batch import Padded, TrainBatch, micro_batches
 from learner.batch import pack as pack_rows
 from learner.batch import pad, prompt_rows, row_lengths
 from learner.hf_names import CheckpointNames
+from learner.lora import LoRANames
 from learner.logprobs import chunked_logprobs
 from learner.objectives import Micro
 from learner.spec import LearnerSpec
@@ -71,36 +72,47 @@ class LearnerWorker:
         mp = spec.mixed_precision and self.device.type == "cuda"
         if mp and not torch.cuda.is_bf16_supported():
             raise RuntimeError("this GPU has no bf16: set learner.mixed_precision=false (and model.dtype=float16)")
-        self.model = self._load(model_path, mp, spec.gradient_checkpointing, trainable=True)
-        self.ref = self._load(model_path, mp, False, trainable=False) if spec.objective.needs_reference_model else None
-        self.names = CheckpointNames(self.model)  # what the engines load (learner.hf_names)
+        self.lora = spec.lora if spec.lora.enabled else None  # the reference is then the model without adapters
+        self.model = self._load(model_path, mp, spec.gradient_checkpointing, trainable=True, lora=self.lora)
+        self.ref = self._load(model_path, mp, False, trainable=False) \
+            if spec.objective.needs_reference_model and self.lora is None else None
+        # what the engines load (learner.hf_names; learner.lora: merged weights or the adapter alone)
+        self.names = LoRANames(self.model, spec.lora.sync) if self.lora else CheckpointNames(self.model)
         self.pad_id = self.model.config.pad_token_id or 0
         self._choose_layout(spec.share_prompts, torch.bfloat16 if mp else torch.float32)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, betas=tuple(spec.betas),
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters alone
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=spec.lr, betas=tuple(spec.betas),
                                            weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(spec.warmup_steps, spec.schedule, spec.total_steps * spec.num_minibatches))
         self.transport: WeightTransport | None = None
 
-    def _load(self, path: str, mixed_precision: bool, checkpointing: bool, trainable: bool):
+    def _load(self, path: str, mixed_precision: bool, checkpointing: bool, trainable: bool, lora=None):
         """The model, FSDP2-sharded: rank 0 reads the checkpoint, the other ranks build it on the meta
-        device and receive their shards by broadcast (an 8-rank node holds one full copy, not 8)."""
+        device and receive their shards by broadcast (an 8-rank node holds one full copy, not 8).
+        With `lora` (a `LoRASpec`) peft's adapters are injected before sharding (rank 0 initialises
+        them, the others receive them), and only they require gradients."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if self.rank == 0:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            full = model.state_dict()
         else:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-            full = {}
+        blocks = set(getattr(model, "_no_split_modules", None) or ())  # the decoder layer classes
         if checkpointing:
             model.gradient_checkpointing_enable()
+        if lora is not None:
+            from learner.lora import wrap
+
+            model = wrap(model, lora)
+            if checkpointing:
+                model.enable_input_require_grads()  # the frozen embeddings' output feeds checkpointed layers
+        full = model.state_dict() if self.rank == 0 else {}
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
             else MixedPrecisionPolicy()
-        blocks = set(getattr(model, "_no_split_modules", None) or ())  # the decoder layer classes
         layers = [m for m in model.modules() if type(m).__name__ in blocks]
         if not layers:
             raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard")
@@ -114,7 +126,8 @@ class LearnerWorker:
             dist.broadcast(buffer.data, src=0)
         del full
         model.train(trainable)
-        model.requires_grad_(trainable)
+        if lora is None:
+            model.requires_grad_(trainable)
         return model
 
     # ---------------------------------------------------------------- forward
@@ -149,16 +162,34 @@ class LearnerWorker:
         return [t.tolist() for t in self._recompute_logprobs(batch, self.model)]
 
     def reference_kl(self, batch: TrainBatch, estimator: str) -> list[float]:
-        """Σ_t KL_t(behaviour ‖ reference) per sequence, with the engine's logprobs as behaviour."""
+        """Σ_t KL_t(behaviour ‖ reference) per sequence over the policy's tokens (a multi-turn
+        trajectory's observations are no sample of the policy), with the engine's logprobs as behaviour."""
         from learner.grpo import kl_penalty
 
-        ref = self._recompute_logprobs(batch, self.ref)
-        return [float(kl_penalty(torch.tensor(lp), r, estimator).sum()) if lp else 0.0
-                for lp, r in zip(batch.rollout_logprobs, ref)]
+        ref = self._reference_logprobs(batch)
+        return [float((kl_penalty(torch.tensor(lp), r, estimator) * torch.tensor(batch.policy_tokens(i))).sum())
+                if lp else 0.0 for i, (lp, r) in enumerate(zip(batch.rollout_logprobs, ref))]
+
+    def _reference_logprobs(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """The reference model's logprobs: the frozen copy, or with LoRA the policy, adapters disabled."""
+        if self.lora is None:
+            return self._recompute_logprobs(batch, self.ref)
+        with self.model.disable_adapter():
+            return self._recompute_logprobs(batch, self.model)
+
+    def reference_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """The reference model's logprobs of each completion's tokens (tests, evaluation)."""
+        return [t.tolist() for t in self._reference_logprobs(batch)]
 
     @torch.no_grad()
     def _recompute_logprobs(self, batch: TrainBatch, model) -> list[torch.Tensor]:
-        """Per-sequence logprobs of the completion tokens under `model` (no grad)."""
+        """Per-sequence logprobs of the completion tokens under `model` (no grad; LoRA dropout off)."""
+        if self.lora is not None and self.lora.dropout > 0 and model.training:
+            model.eval()
+            try:
+                return self._recompute_logprobs(batch, model)
+            finally:
+                model.train()
         result: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         for rows in self._micro_plan(batch):
             if not rows:
@@ -210,7 +241,8 @@ class LearnerWorker:
         self.optimizer.zero_grad(set_to_none=True)
         obj = self.objective
         # Reference logprobs in their own pass (its padding passes keep FSDP collectives in step).
-        ref_all = self._recompute_logprobs(batch, self.ref) if self.ref is not None and obj.needs_reference else None
+        has_ref = self.ref is not None or (self.lora is not None and obj.needs_reference_model)
+        ref_all = self._reference_logprobs(batch) if has_ref and obj.needs_reference else None
         plan = self._micro_plan(batch)  # the same number of micro-batches on every rank
         for i, rows in enumerate(plan):
             self._gradient_sync(i == len(plan) - 1)  # one reduce-scatter per optimizer step, not per micro-batch
@@ -237,7 +269,7 @@ class LearnerWorker:
     def _clip_and_step(self) -> float:
         """Clip, step, advance the schedule; a non-finite grad norm skips the update (all ranks agree)."""
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if math.isfinite(norm):
             self.optimizer.step()
@@ -291,49 +323,32 @@ class LearnerWorker:
 
     def save_checkpoint(self, path: str) -> None:
         """Model and optimizer shards into `path`/learner (all ranks together, with
-        torch.distributed.checkpoint), and this rank's LR schedule and RNG state beside them."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        torch.distributed.checkpoint), and this rank's LR schedule and RNG state beside them; with
+        LoRA the adapters alone (`learner.rank_checkpoint`)."""
+        from learner.rank_checkpoint import save
 
-        model, optim = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model, "optim": optim}, checkpoint_id=f"{path}/learner")
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
-        torch.save({"scheduler": self.scheduler.state_dict(), "rng": rng, "world_size": self.world_size},
-                   f"{path}/learner/rank{self.rank}.pt")  # plain data and tensors: loads with weights_only=True
-        if self.rank == 0:  # what `raygrpo export` needs to rebuild the model without the source
-            from transformers import AutoTokenizer
-
-            self.model.config.save_pretrained(f"{path}/learner/hf")
-            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(f"{path}/learner/hf")
-        dist.barrier()
+        save(self, path)
 
     def load_checkpoint(self, path: str) -> None:
-        """Restore what `save_checkpoint` wrote; DCP reshards when the world size changed (then
-        each rank takes rank 0's schedule and its own RNG is not restored). Nothing in the files
-        is executed (see `learner.checkpoint_io`)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        """Restore what `save_checkpoint` wrote (DCP reshards when the world size changed); nothing in
+        the files is executed (see `learner.checkpoint_io`)."""
+        from learner.rank_checkpoint import load
 
-        from learner.checkpoint_io import SafeLoadPlanner, SafeReader, read_rank_state
-
-        model, optim = get_state_dict(self.model, self.optimizer)
-        state = {"model": model, "optim": optim}
-        dcp.load(state, storage_reader=SafeReader(f"{path}/learner"), planner=SafeLoadPlanner())
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        own = f"{path}/learner/rank{self.rank}.pt"  # after the collective load: a refusal here stalls no peer
-        extra = read_rank_state(own if os.path.exists(own) else f"{path}/learner/rank0.pt")
-        self.scheduler.load_state_dict(extra["scheduler"])
-        if extra["world_size"] == self.world_size:
-            torch.set_rng_state(extra["rng"]["cpu"])
-            if extra["rng"]["cuda"] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(extra["rng"]["cuda"])
+        load(self, path)
 
     # ---------------------------------------------------------------- weights out
 
     def weight_manifest(self) -> list[tuple[str, tuple[int, ...]]]:
         """(checkpoint name, full shape) of every tensor the engines load, in broadcast order (tied
-        weights once; converted architectures by their checkpoint names, see `learner.hf_names`)."""
+        weights once; converted architectures by their checkpoint names, see `learner.hf_names`;
+        with LoRA the merged weights or the adapter's tensors, see `learner.lora`)."""
         return self.names.manifest()
+
+    def adapter_config(self) -> str | None:
+        """With LoRA synced as an adapter: peft's adapter_config.json for the engines; else None."""
+        from learner.lora import adapter_config
+
+        return adapter_config(self.model) if self.lora and self.names.kind == "adapter" else None
 
     def join_weight_group(self, host: str, port: int, world_size: int, generation: int, timeout_s: float,
                           backend: str, dtype: str, bucket_bytes: int, secret: str,
@@ -375,7 +390,8 @@ class LearnerWorker:
         sums, failed = [], None
         try:
             with torch.no_grad():
-                stream = self._checkpoint_tensors({spec.name for bucket in self.buckets for spec in bucket})
+                wanted = {spec.name for bucket in self.buckets for spec in bucket}
+                stream = self.names.stream(self.model, wanted, self.wire_dtype, _full)
                 for bucket, numel in zip(self.buckets, sizes):
                     full = [_named(next(stream), spec.name) for spec in bucket]
                     if space is not None and failed is None:
@@ -393,36 +409,25 @@ class LearnerWorker:
             raise failed
         return read_checksums(sums)  # the one host wait of the sync
 
-    def _checkpoint_tensors(self, wanted: set[str]):
-        """(checkpoint name, full tensor in the wire dtype) of the `wanted` tensors, in manifest order.
-        Every rank gathers the same parameters (a collective): each cast to the wire dtype first, so
-        a bf16 wire gathers half the bytes of the fp32 master weights (the cast is elementwise)."""
-        for name, param in self.model.named_parameters():
-            if any(key in wanted for key, _ in self.names.per_param[name]):
-                for key, tensor in self.names.tensors(name, _full(param.to(self.wire_dtype))):
-                    if key in wanted:
-                        yield key, tensor
-
-    def save_pretrained(self, path: str, driver_node: str) -> list[str]:
-        """Write the full policy and its tokenizer as a Hugging Face directory (all ranks gather, rank 0
-        writes): into `path` when rank 0 runs on the driver's node (Ray node id `driver_node`), else
-        into a temporary directory
-        whose files the driver fetches with `read_export` (returned: their names)."""
-        import os
+    def save_pretrained(self, path: str, driver_node: str, merge: bool = False) -> list[str]:
+        """Write the policy and its tokenizer (all ranks gather, rank 0 writes; `learner.export`: a HF
+        directory, with LoRA the peft adapter, and the merged model too with `merge`): into `path`
+        when rank 0 runs on the driver's node (Ray node id `driver_node`), else into a temporary
+        directory whose files the driver fetches with `read_export` (returned: their paths)."""
         import tempfile
 
         import ray
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from transformers import AutoTokenizer
+
+        from learner.export import write_policy
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         names: list[str] = []
         if self.rank == 0:
             local = ray.get_runtime_context().get_node_id() == driver_node
             self.export = path if local else tempfile.mkdtemp(prefix="raygrpo-policy-")
-            self.model.save_pretrained(self.export, state_dict=state, safe_serialization=True, max_shard_size="2GB")
-            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(self.export)
-            names = [] if local else sorted(os.listdir(self.export))
+            written = write_policy(self.model, state, self.export, self.model_path, self.lora is not None, merge)
+            names = [] if local else written
         dist.barrier()
         return names
 

@@ -9,7 +9,8 @@ from tasks.base import Problem, Task
 
 def make_task(cfg: Any) -> Task:
     """The run's task: `data.*` files when any are given (an eval stage loads only val_files),
-    else reasoning-gym (`task.name=reasoning_gym`) or the arithmetic generator (`task.*`). Raises DataError (a ConfigError) for unusable data."""
+    else reasoning-gym (`task.name=reasoning_gym`), generated word problems (`task.name=word_problems`)
+    or the arithmetic generator (`task.*`). Raises DataError (a ConfigError) for unusable data."""
     d = cfg.data
     train_files = list(d.train_files) if cfg.stage in ("train", "rejection_sampling") else []
     if train_files or d.val_files:
@@ -22,6 +23,10 @@ def make_task(cfg: Any) -> Task:
         from tasks.gym import GymTask
 
         return GymTask(t.gym_dataset, seed=t.seed, test_size=t.test_size)
+    if t.name == "word_problems":
+        from tasks.word_problems import WordProblemTask
+
+        return WordProblemTask(seed=t.seed, test_size=t.test_size)
     from tasks.arithmetic import ArithmeticTask
 
     return ArithmeticTask(seed=t.seed, min_operand=t.min_operand, max_operand=t.max_operand,

@@ -1,4 +1,4 @@
-"""Worked solutions of arithmetic problems in the R1 think format: the cold-start SFT data.
+"""Worked solutions of arithmetic problems: the cold-start SFT data (the think format, or tool calls).
 
 DeepSeek-R1's cold start fine-tunes on a few thousand long, readable solutions before RL, so that
 RL starts from a policy that already writes `<think>…</think>` and then the answer. At CPU scale
@@ -8,10 +8,16 @@ inverse operation, and gives the answer after the block. Several phrasings per s
 answer, chosen by a seeded generator, keep the model from learning one fixed sentence; some
 checks use reflection words ("wait", "verify", "check again") so the reflection rate starts
 above zero.
+
+Tool traces (`tool_rows`, the cold start of `experiment=tools_cpu`) are the other kind: the
+policy calls the `calculator` with the question's expression, reads its answer and replies with
+it, in the Hermes `<tool_call>` format `envs.tools` parses; the final reply is phrased by the
+seeded generator too.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -65,3 +71,32 @@ def worked_rows(task: Any, n: int, seed: int = 0, open: str = "<think>", close: 
     rng = random.Random(stable_seed("worked", seed))
     return [{"prompt": p.prompt, "response": worked_solution(p.metadata["operands"], p.metadata["ops"], rng, open,
                                                               close), "answer": p.answer} for p in problems]
+
+
+TOOL_ANSWER = ("{r}", "The answer is {r}.", "{e} = {r}", "It is {r}.")
+
+
+def tool_trace(expression: str, result: str, rng: random.Random) -> list[dict[str, str]]:
+    """The reply chat of one problem: a calculator call, the tool's answer, the final reply."""
+    call = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+    return [{"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+            {"role": "tool", "content": result},
+            {"role": "assistant", "content": rng.choice(TOOL_ANSWER).format(r=result, e=expression)}]
+
+
+def tool_rows(task: Any, n: int, seed: int = 0) -> list[dict]:
+    """`n` SFT rows {prompt, response (a chat: call, tool answer, reply), answer} of an ArithmeticTask."""
+    from envs.tools import calculator
+
+    problems: list[Problem] = task.train_batch(SFT_STEP_OFFSET, n)
+    rng = random.Random(stable_seed("tool-traces", seed))
+    rows = []
+    for p in problems:
+        expression = _expression(p.metadata["operands"], p.metadata["ops"])
+        rows.append({"prompt": p.prompt, "response": tool_trace(expression, calculator(expression), rng),
+                     "answer": p.answer})
+    return rows
+
+
+def _expression(operands: list[int], ops: list[str]) -> str:
+    return " ".join([str(operands[0])] + [f"{op} {v}" for op, v in zip(ops, operands[1:])])

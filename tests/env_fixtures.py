@@ -9,6 +9,12 @@ import time
 from envs.base import StepResult
 
 
+def reply_length(completion: str, answer: str) -> float:
+    """A reward the random tiny model's groups have variance on: the final reply's length (so
+    that DAPO's dynamic sampling keeps groups in an end-to-end run)."""
+    return len(completion) / 100
+
+
 class Echo:
     """Answers every reply with a tool message "noted <k>" and ends after `replies` replies; each
     answer takes `sleep_s` (a slow tool)."""

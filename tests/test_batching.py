@@ -15,7 +15,7 @@ from actors.types import Completion, Group, Prompt
 from learner.batch import TrainBatch, micro_batches, pad
 from learner.objectives import GRPOObjective, Micro, SFTObjective
 from learner.batch import pad_to_multiple
-from orchestration.train.batching import build_batch
+from orchestration.train.batching import build_batch, overlong_shaping
 
 GRPO = SimpleNamespace(advantage="grpo", scale_by_std=True)
 DR_GRPO = SimpleNamespace(advantage="grpo", scale_by_std=False)
@@ -141,6 +141,51 @@ def test_build_batch_single_success_gets_zero_advantage():
     batch, _ = build_batch(groups, scores, GRPO)
     assert batch.loss_weights == [0.0, 1.0, 0.0]
     assert batch.advantages == approx([0.0, 0.0, 0.0])
+
+
+# --------------------------------------------------------------------------- overlong shaping
+
+
+def _trajectory(mask: list[int]) -> Completion:
+    """A multi-turn trajectory: policy tokens 5 where the mask is 1, observation tokens 9 elsewhere."""
+    return Completion(token_ids=[5 if m else 9 for m in mask], logprobs=[-0.5 if m else 0.0 for m in mask],
+                      finish_reason="stop", text="t", mask=mask, turns=[], info={})
+
+
+def _shaping(completions, max_tokens=8, buffer=4, factor=0.5):
+    return overlong_shaping([Group(Prompt("p", "q"), [1], completions, 0)], max_tokens, buffer, factor)
+
+
+def test_overlong_shaping_of_single_replies_is_unchanged():
+    # max 8, buffer 4: free up to 4 tokens, then −(L − 4)/4 × 0.5, −0.5 from 8 on: every token counts
+    lengths = [3, 4, 5, 6, 7, 8, 12]
+    plain = [Completion([5] * n, [-0.5] * n, "stop", "t") for n in lengths]  # mask None
+    ones = [_trajectory([1] * n) for n in lengths]  # a multi-turn completion of one reply: all ones
+    assert _shaping(plain).tolist() == [approx([0.0, 0.0, -0.125, -0.25, -0.375, -0.5, -0.5])]
+    assert _shaping(ones).tolist() == _shaping(plain).tolist()
+    assert _shaping(plain, buffer=0).tolist() == [[0.0] * 7]
+    groups, _ = make_groups([[0.0] * 4, [0.0] * 4])  # completion g has g + 1 tokens
+    assert overlong_shaping(groups, 3, 2, 1.0).tolist() == [approx([0.0, -0.5, -1.0, -1.0])] * 2
+
+
+def test_overlong_shaping_of_trajectories_counts_the_policys_longest_reply():
+    long_tool = [1, 1] + [0] * 20 + [1, 1, 1]  # 25 tokens, replies of 2 and 3: far from the limit
+    many_turns = ([1, 1, 1] + [0, 0]) * 4  # 4 replies of 3 (12 policy tokens): no reply near the limit
+    near = [1, 1] + [0] * 3 + [1] * 7  # a reply of 7: in the buffer
+    at_limit = [1] * 8 + [0] * 3 + [1]  # a first reply cut at the limit
+    masks = (long_tool, many_turns, near, at_limit)
+    assert _shaping([_trajectory(m) for m in masks]).tolist() == [approx([0.0, 0.0, -(7 - 4) / 4 * 0.5, -0.5])]
+    # counting every token after the prompt instead would punish all four in full
+    every_token = [Completion([5] * len(m), [0.0] * len(m), "stop", "t") for m in masks]
+    assert _shaping(every_token).tolist() == [[-0.5] * 4]
+
+
+def test_overlong_shaping_mixes_single_replies_and_trajectories():
+    groups = [Group(Prompt("a", "q"), [1], [Completion([5] * 6, [0.0] * 6, "stop", "t"),
+                                            _trajectory([1] * 2 + [0] * 9)], 0),
+              Group(Prompt("b", "q"), [1], [_trajectory([1] * 3 + [0] * 2 + [1] * 6),
+                                            Completion([5] * 2, [0.0] * 2, "stop", "t")], 0)]
+    assert overlong_shaping(groups, 8, 4, 1.0).tolist() == [approx([-0.5, 0.0]), approx([-0.5, 0.0])]
 
 
 # --------------------------------------------------------------------------- pad_to_multiple

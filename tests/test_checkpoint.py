@@ -233,6 +233,23 @@ def test_run_json_builds_only_the_allowlisted_types(tmp_path):
             read_state(where)
 
 
+def test_a_state_written_before_later_fields_reads_with_their_defaults():
+    from actors.types import Completion, Prompt
+    from orchestration.train.checkpoint import from_json, state_types, to_json
+
+    types = state_types()
+    old = to_json(Completion(token_ids=[1, 2], logprobs=[-0.1, -0.2], finish_reason="stop", text="x"), types)
+    for key in ("mask", "turns", "info"):  # what a checkpoint of the single-turn version held
+        del old["$Completion"][key]
+    assert from_json(old, types).mask is None
+    prompt = to_json(Prompt("p", "hi"), types)
+    del prompt["$Prompt"]["answer"], prompt["$Prompt"]["metadata"]
+    assert from_json(prompt, types) == Prompt("p", "hi")
+    del prompt["$Prompt"]["content"]  # a field that was always there stays required
+    with pytest.raises(ValueError, match="malformed tag"):
+        from_json(prompt, types)
+
+
 def test_an_old_checkpoint_with_a_pickle_is_refused_unread(tmp_path):
     from orchestration.train.checkpoint import read_state
     from tests.reward_fixtures import hostile_pickle

@@ -96,6 +96,10 @@ def test_preset_composes_and_validates(group, preset, monkeypatch):
     if (group, preset) == ("reward", "custom"):  # a starting point: the user adds functions
         with pytest.raises(ConfigError, match="reward.functions is empty"):
             validate(cfg)
+    elif (group, preset) == ("reward", "env"):  # the environment's own reward: with an env that has one
+        with pytest.raises(ConfigError, match="needs a multi-turn env"):
+            validate(cfg)
+        _validate_with_env(make_cfg("reward=env", "env=skyrl_gsm8k"), monkeypatch)
     else:
         _validate_with_env(cfg, monkeypatch)
     path = CONF / group / f"{preset}.yaml"

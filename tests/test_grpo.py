@@ -11,6 +11,7 @@ from learner.grpo import (
     gspo_loss,
     informative_groups,
     kl_penalty,
+    longest_reply,
     masked_mean,
     overlong_penalty,
     policy_loss,
@@ -296,6 +297,17 @@ def test_overlong_penalty():
     # max_len 20, buffer 4 -> free up to 16, linear to -1 at 20, -1 beyond
     L = torch.tensor([10, 16, 17, 18, 20, 25])
     close(overlong_penalty(L, 20, 4), [0.0, 0.0, (16 - 17) / 4, (16 - 18) / 4, -1.0, -1.0])
+
+
+def test_longest_reply_is_the_longest_run_of_policy_tokens():
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0],  # one reply of 4, right-padded
+                         [1, 0, 0, 1, 1, 1],  # replies of 1 and 3: the last one is the longest
+                         [1, 1, 0, 1, 1, 0],  # two replies of 2
+                         [0, 0, 0, 0, 0, 0],  # no policy token
+                         [1, 1, 1, 1, 1, 1]])  # a whole single reply
+    close(longest_reply(mask), [4.0, 3.0, 2.0, 0.0, 6.0])
+    close(longest_reply(mask.bool()), [4.0, 3.0, 2.0, 0.0, 6.0])
+    close(longest_reply(torch.zeros(2, 0)), [0.0, 0.0])
 
 
 def test_informative_groups():

@@ -293,7 +293,10 @@ def test_the_learner_scores_a_real_engines_trajectories_token_for_token(ray_loca
 
 @pytest.mark.slow
 def test_smoke_run_with_a_two_turn_environment(tmp_path, cache_dir):
-    """The smoke topology end to end with an environment that answers every first reply."""
+    """The smoke topology end to end with an environment that answers every first reply, with
+    overlap (rollout.max_staleness=1) and DAPO's dynamic sampling on, in the same run: one round
+    (no re-sampling, no extra generation), with a reward term the random model's groups have
+    variance on (`env_fixtures.reply_length`)."""
     import json
     import os
     import subprocess
@@ -307,14 +310,24 @@ def test_smoke_run_with_a_two_turn_environment(tmp_path, cache_dir):
         [sys.executable, "-m", "orchestration", "experiment=smoke", f"output_dir={out}", "logger.progress=false",
          "env.name=tests.env_fixtures:Echo", "env.max_turns=3", f"rollout.stop={stops}", "rollout.max_new_tokens=24",
          "rollout.max_prompt_tokens=200",  # the chat template wraps the byte-level prompts
+         "rollout.max_staleness=1", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=1",
+         "+reward.functions={tests.env_fixtures.reply_length: 1.0}",  # beside the smoke's rewards
          "logger.samples_every_n_steps=1", "logger.samples_prompts=1", "eval.enabled=false"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "env/turns_mean" in r]
     assert len(steps) == 3 and all(1 <= r["env/turns_mean"] <= 2 and r["env/turns_max"] == 2 for r in steps)
-    assert all(r["learner/logprob_mismatch"] < 1e-5 for r in steps)
     assert all(r["env/env_tokens_mean"] > 0 and r["env/cut_max_turns"] == 0 for r in steps)
+    # dynamic sampling: only informative groups were trained on, out of one round of 4
+    assert all(r["reward/zero_variance_groups"] == 0 and r["sampling/generated_groups"] == 4 for r in steps)
+    # overlap: steps 1 and 2 were generated while the learner trained the step before
+    assert [r["rollout/staleness_max"] for r in steps] == [0, 1, 1]
+    assert [r["rollout/policy_version"] for r in steps] == [0, 0, 1]
+    assert steps[0]["learner/logprob_mismatch"] < 1e-5  # the tokens line up (fresh weights)
+    # one update behind: importance weights near 1 (none capped), a mismatch of that update (0.03-0.04 measured)
+    assert all(0.5 < r["learner/is_weight_mean"] < 2 and r["learner/is_clipped_frac"] == 0 for r in steps[1:])
+    assert all(0 < r["learner/logprob_mismatch"] < 0.2 for r in steps[1:])
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert any("[tool] noted 1" in s["trajectory"] for s in samples)
 

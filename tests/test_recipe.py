@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from orchestration.config import ConfigError, validate
 from orchestration.stages.rejection import Candidate, Rules, select, verdict
 from orchestration.stages.sft_data import Example, encode, epoch_batches, load_examples, nll, split
 from tasks.arithmetic import ArithmeticTask, evaluate
-from tasks.worked import steps, worked_rows, worked_solution
+from tasks.worked import steps, tool_rows, worked_rows, worked_solution
 
 from tests.test_config import make_cfg
 
@@ -95,6 +96,114 @@ def test_sft_rows_load_with_bad_rows_counted(tmp_path):
                     + json.dumps({"prompt": [{"role": "user", "content": "q3"}], "response": "a3"}) + "\n")
     examples, skipped = load_examples([str(path)], "prompt", "response")
     assert [e.response for e in examples] == ["a", "a3"] and skipped == 2
+
+
+# --------------------------------------------------------------------------- tool-using traces
+
+
+def _tool_task():
+    return ArithmeticTask(min_operand=2, max_operand=999, num_operands=3, ops="+-*", test_size=16)
+
+
+def test_tool_rows_call_the_calculator_with_the_question_and_answer_with_its_result():
+    from envs.tools import parse_calls
+
+    task = _tool_task()
+    rows = tool_rows(task, 30, seed=2)
+    assert rows == tool_rows(task, 30, seed=2)
+    assert {p.prompt for p in task.test_set()}.isdisjoint(r["prompt"] for r in rows)
+    assert len({r["response"][2]["content"].split()[0] for r in rows}) > 1  # more than one phrasing
+    for r in rows:
+        call, tool, reply = r["response"]
+        (name, args), = parse_calls(call["content"])[0]
+        assert (name, call["role"], tool["role"], tool["content"]) == ("calculator", "assistant", "tool", r["answer"])
+        assert args["expression"] in r["prompt"]
+        assert accuracy(reply["content"], r["answer"]) == 1.0
+
+
+class Scripted:
+    """A stand-in engine that answers turn k of every request with `replies[k]` (closed)."""
+
+    def __init__(self, tok, replies):
+        self.tok, self.replies, self.queue, self.prompts = tok, replies, {}, []
+
+    def add_request(self, request_id, prompt, params):
+        self.queue[request_id] = len(self.prompts)
+        self.prompts.append(list(prompt["prompt_token_ids"]))
+
+    def step(self):
+        outs = []
+        for rid, k in self.queue.items():
+            text = self.replies[k]
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            outs.append(SimpleNamespace(request_id=rid, finished=True, outputs=[SimpleNamespace(
+                token_ids=ids, text=text, finish_reason="stop",
+                logprobs=[{t: SimpleNamespace(logprob=-0.1)} for t in ids])]))
+        self.queue.clear()
+        return outs
+
+
+def test_a_tool_trace_is_encoded_exactly_as_a_multi_turn_rollout_lays_it_out():
+    """SFT on a trace teaches the very ids and mask GRPO later samples and trains on: the same
+    prompt (tools rendered), replies closed by the end-of-turn token, the tool's turn as a delta."""
+    from actors import multiturn
+    from actors.types import Prompt, SamplingSpec
+    from common.models import byte_tokenizer
+    from envs.tools import ToolEnv, resolve_tool
+    from orchestration.stages.sft_data import encode_chat
+
+    tok, row = byte_tokenizer(), tool_rows(_tool_task(), 1)[0]
+    env = ToolEnv([resolve_tool("calculator")], max_turns=3)
+    prompt, response, mask = encode_chat(tok, [{"role": "user", "content": row["prompt"]}], row["response"],
+                                         env.tools())
+    engine = Scripted(tok, [m["content"] for m in row["response"] if m["role"] == "assistant"])
+    item = (Prompt("p", row["prompt"]), prompt, SamplingSpec(n=1, max_tokens=200))
+    ids = iter(range(100))
+    (group,) = multiturn.run(engine, tok, env, [item], 0, lambda spec, m, seed: None,
+                             multiturn.Limits(3, 2000, 4000), lambda: f"r{next(ids)}", {tok.eos_token_id})
+    c = group.completions[0]
+    assert c.info["tool_calls"] == 1 and c.finish_reason == "stop"
+    assert (c.token_ids, c.mask) == (response, mask)
+    assert 0 < sum(mask) < len(mask) and "calculator" in tok.decode(prompt)
+    enc = encode([Example(row["prompt"], row["response"])], tok, "", 4000, env.tools())
+    assert (enc.prompt_ids, enc.response_ids, enc.masks) == ([prompt], [response], [mask])
+
+
+def test_the_cold_start_writes_tool_traces_when_the_policy_has_the_calculator(tmp_path):
+    from orchestration.stages.sft import cold_start_examples
+
+    tools = cold_start_examples(make_cfg("experiment=tools_cpu", "dry_run=true"), tmp_path / "t.jsonl")
+    think = cold_start_examples(make_cfg("experiment=r1_cpu", "dry_run=true"), tmp_path / "r.jsonl")
+    assert len(tools) == 16 and all(ex.response[0]["content"].startswith("<tool_call>") for ex in tools)
+    assert all(isinstance(ex.response, str) and "<think>" in ex.response for ex in think)
+
+
+def test_sft_on_a_trace_trains_the_replies_not_the_tools_answer():
+    from common.models import byte_tokenizer
+    from envs.tools import resolve_tool
+
+    tok, row = byte_tokenizer(), tool_rows(_tool_task(), 1)[0]
+    enc = encode([Example(row["prompt"], row["response"]), Example("Hi", "ok")], tok, "", 4000,
+                 [resolve_tool("calculator").schema])
+    assert enc.masks[1] == [1] * len(enc.response_ids[1])  # a plain row in the same batch: all its tokens
+    padded = pad(enc.batch([0, 1]), tok.pad_token_id, "cpu")
+    trained = padded.targets[0][padded.mask[0] > 0].tolist()
+    assert trained == [t for t, m in zip(enc.response_ids[0], enc.masks[0]) if m]
+    replies = [m["content"] for m in row["response"] if m["role"] == "assistant"]
+    assert tok.decode(trained) == "".join(r + tok.eos_token for r in replies)  # the tool's turn is not in it
+
+
+def test_held_out_loss_counts_the_policys_tokens_only():
+    assert nll([[-1.0, -9.0, -3.0]], [[1, 0, 1]]) == pytest.approx(2.0)
+    assert nll([[-1.0, -9.0, -3.0]]) == pytest.approx(13 / 3)
+
+
+def test_tool_metrics_of_evaluation():
+    from orchestration.train.evaluation import tool_metrics
+
+    assert tool_metrics([{}, {}]) == {}  # no tools: no columns
+    out = tool_metrics([{"tool_calls": 2.0, "tool_malformed": 1.0}, {"tool_calls": 0.0}, {"tool_calls": 1.0}])
+    assert out == {"eval/tool_call_rate": pytest.approx(2 / 3), "eval/well_formed_rate": pytest.approx(3 / 4)}
 
 
 # --------------------------------------------------------------------------- rejection sampling

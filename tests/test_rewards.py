@@ -104,7 +104,7 @@ def test_single_number(completion, expected):
 
 def test_registry_names():
     assert set(REWARDS) == {"accuracy", "accuracy_strict", "format", "single_number", "digits", "code_tests",
-                            "think_format", "language_consistency", "reasoning_gym"}
+                            "think_format", "language_consistency", "reasoning_gym", "env"}
     assert resolve("format") is format_reward
 
 
@@ -130,7 +130,7 @@ def test_context_kwargs_and_batched_marker():
     assert context_kwargs(accuracy) == ()
     assert context_kwargs(fx.with_prompt) == ("prompt",)
     assert context_kwargs(fx.with_metadata) == ("metadata",)
-    assert context_kwargs(fx.with_kwargs) == ("prompt", "metadata")
+    assert context_kwargs(fx.with_kwargs) == ("prompt", "metadata", "info")
     assert is_batched(fx.rank_by_length) and not is_batched(accuracy)
     assert batched(lambda cs, a: [0.0] * len(cs)).batched
 

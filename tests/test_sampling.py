@@ -147,6 +147,83 @@ def test_evaluations_come_back_in_order_with_their_step():
         p.close()
 
 
+# --------------------------------------------------------------------------- multi-turn trajectories
+
+
+def trajectory(prompt_id: str, j: int, k: int) -> Completion:
+    """Completion j of the k-th prompt of a call: a reply of j + 1 tokens 5, an observation of k + 1
+    tokens 100 + k, a reply of two tokens 6 — each completion's mask its own, so one moved shows."""
+    mask = [1] * (j + 1) + [0] * (k + 1) + [1, 1]
+    return Completion([5] * (j + 1) + [100 + k] * (k + 1) + [6, 6], [-0.5 if m else 0.0 for m in mask], "stop",
+                      prompt_id, mask=mask, info={"turns": 2.0, "policy_tokens": j + 3.0, "env_tokens": k + 1.0},
+                      turns=[{"role": "assistant", "content": "call"}, {"role": "tool", "content": f"obs {k}"},
+                             {"role": "assistant", "content": prompt_id}])
+
+
+class TrajectoryEngines(Engines):
+    """Engines whose groups are multi-turn trajectories (`trajectory`), streamed last prompt first."""
+
+    def stream(self, prompts, specs):
+        version = self.version
+        for k, (p, spec) in reversed(list(enumerate(zip(prompts, specs)))):
+            self.seeds[p.id] = spec.seed
+            yield GenerateResult([Group(p, [1, 2], [trajectory(p.id, j, k) for j in range(spec.n)], version)])
+
+
+def assert_whole(groups):
+    """Each group's completions are the trajectories generated for it, mask and all."""
+    for g in groups:
+        k = int(g.prompt.id.split("/")[-1])  # the prompt's index in its round's call
+        assert g.completions == [trajectory(g.prompt.id, j, k) for j in range(len(g.completions))], g.prompt.id
+
+
+def test_dynamic_sampling_keeps_trajectories_whole_with_their_masks_aligned():
+    cfg = cfg_with(dynamic_sampling=True, max_sampling_rounds=5, overlong_buffer=2, scale_by_std=False)
+    cfg.learner.num_ranks = 3  # 16 sequences: two zero-weight copies pad the batch to 18
+    out = producer(cfg, TrajectoryEngines()).produce(3)
+    assert [g.prompt.id for g in out.groups] == ["train/3/1", "train/3/3", "train/3.1/0", "train/3.1/1"]
+    assert counts(out.metrics) == {"sampling/rounds": 2.0, "sampling/generated_groups": 6.0,
+                                   "sampling/dropped_groups": 2.0}
+    assert_whole(out.groups)
+    batch, rewards, padded = make_batch(cfg, out, Reference())
+    masks = [c.mask for g in out.groups for c in g.completions]
+    assert padded == 2 and batch.token_mask == masks + [masks[-1]] * 2 and batch.loss_weights[16:] == [0.0, 0.0]
+    for ids, mask, logprobs in zip(batch.completion_ids, batch.token_mask, batch.rollout_logprobs):
+        assert [t < 100 for t in ids] == [m == 1 for m in mask] == [lp != 0 for lp in logprobs]
+    # rewards [0, 1, 2, 3]; longest replies [2, 2, 3, 4] against max 4, buffer 2: penalty [0, 0, -.5, -1]
+    # (the whole trajectories, 5 to 10 tokens, would all be punished in full)
+    shaped = torch.tensor([0.0, 1.0, 1.5, 2.0])
+    assert batch.advantages[:4] == pytest.approx((shaped - shaped.mean()).tolist(), abs=1e-6)
+    assert rewards[0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_trajectories_produced_ahead_keep_their_mask_and_version(k, dynamic):
+    """Overlap (the staleness-bounded producer) with multi-turn groups: every step gets the groups
+    it should (none lost, none twice), whole, each stamped with the version that sampled it, at
+    most k behind."""
+    cfg = cfg_with(dynamic_sampling=dynamic, max_sampling_rounds=5)
+    cfg.steps, cfg.rollout.max_staleness = 5, k
+    engines = TrajectoryEngines()
+    p = producer(cfg, engines)
+    lags = []
+    try:
+        for step in range(cfg.steps):
+            out = p.take(step)
+            expected = [f"train/{step}/{i}" for i in (1, 3)] + [f"train/{step}.1/{i}" for i in (0, 1)] if dynamic \
+                else [f"train/{step}/{i}" for i in range(4)]
+            assert [g.prompt.id for g in out.groups] == expected
+            assert_whole(out.groups)
+            lags += [step - g.version for g in out.groups]
+            p.thread.submit(lambda: None).result()  # what is queued runs before the load
+            engines.load(step + 1)
+        assert p.produced() == {}  # nothing queued beyond the last step
+    finally:
+        p.close()
+    assert min(lags) >= 0 and max(lags) == k
+
+
 class Reference:
     def __init__(self):
         self.calls = 0

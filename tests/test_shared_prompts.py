@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import torch
 
-from learner.batch import TrainBatch, block_mask, micro_batches, prompt_rows, row_lengths
+from learner.batch import TrainBatch, block_mask, micro_batches, pack, pad, prompt_rows, row_lengths
 from learner.objectives import GRPOObjective
 
 BUDGET = 40  # tokens per micro-batch: the 12-token prompt's group (12 + 31) needs two rows
@@ -67,6 +67,28 @@ def test_rows_split_a_group_and_keep_padding_copies_with_their_group():
     assert [len(r) for r in rows] == [4, 4, 1, 5]  # the 12-token group splits 12+27 | 12+4; the copy joins its group
     assert rows[-1][-1] == len(batch) - 1
     assert prompt_rows(batch, 10_000) == [[0, 1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11, 12, 13]]
+
+
+def test_packed_rows_carry_a_token_mask_as_the_plain_rows_do():
+    """Multi-turn data in the shared layout: a group split over rows, and the padding copy, keep
+    each sequence's token mask on its own completion tokens, as the plain padded rows do (the
+    objectives read only `mask`, so both layouts train the same tokens)."""
+    batch = make_batch()
+    rng = random.Random(2)
+    batch.token_mask = [[int(rng.random() < 0.6) for _ in c] for c in batch.completion_ids]
+    batch.token_mask[-1] = batch.token_mask[-2]  # the padding copy's mask is its original's
+    rows = prompt_rows(batch, BUDGET)
+    assert [len(r) for r in rows] == [4, 4, 1, 5]  # the 12-token group is split
+    plain, shared = pad(batch, 0, "cpu"), pack(batch, rows, 0, "cpu")
+    for s, i in enumerate(i for row in rows for i in row):
+        c, m = batch.completion_ids[i], batch.token_mask[i]
+        expected = [float(x) for x in m] if batch.loss_weights[i] > 0 else [0.0] * len(c)
+        assert shared.mask[s][shared.completion[s] == 1].tolist() == expected
+        assert plain.mask[i][plain.completion[i] == 1].tolist() == expected
+        policy = [t for t, x in zip(c, expected) if x]  # the tokens trained on, in both layouts
+        assert shared.targets[s][shared.mask[s] == 1].tolist() == policy
+        assert plain.targets[i][plain.mask[i] == 1].tolist() == policy
+    assert 0 < shared.mask.sum() < shared.completion.sum() - len(batch.completion_ids[-1])  # some masked out
 
 
 def test_block_mask():

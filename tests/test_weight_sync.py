@@ -50,6 +50,9 @@ class StandInLearner:
     def weight_manifest(self):
         return [("w", (2,))]
 
+    def adapter_config(self):
+        return None
+
     def join_weight_group(self, **kw):
         return [w.join.remote(**kw) for w in self.workers]
 

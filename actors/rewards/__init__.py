@@ -1,9 +1,11 @@
 """Reward functions and their registry.
 
 A reward function has the signature ``fn(completion: str, answer: str) -> float`` and may also
-take the keyword arguments ``prompt`` (the prompt: a string, or chat messages) and ``metadata``
-(the data row's other columns): they are passed only to functions whose signature names them
-(or takes ``**kwargs``).
+take the keyword arguments ``prompt`` (the prompt: a string, or chat messages), ``metadata``
+(the data row's other columns) and ``info`` (the completion's trajectory counters,
+``Completion.info``: turns, tool calls, ``turn_reward`` the sum of the environment's per-turn
+rewards, ...; ``{}`` for a single reply): they are passed only to functions whose signature names
+them (or takes ``**kwargs``).
 
 A function marked with :func:`batched` scores a whole group at once — the shape a reward model
 or an LLM judge needs: ``fn(completions: list[str], answer: str, ...) -> list[float]``.
@@ -23,7 +25,7 @@ from typing import Callable
 from common.registry import LazyRegistry
 
 RewardFn = Callable[..., float]
-CONTEXT = ("prompt", "metadata")  # keyword arguments a reward function may ask for
+CONTEXT = ("prompt", "metadata", "info")  # keyword arguments a reward function may ask for
 
 
 # Imported on first use (common.registry): importing this registry imports no reward's dependencies.
@@ -37,6 +39,7 @@ REWARDS: Mapping[str, RewardFn] = LazyRegistry({
     "think_format": "actors.rewards.reasoning:think_format",
     "language_consistency": "actors.rewards.reasoning:language_consistency",
     "reasoning_gym": "actors.rewards.gym:reasoning_gym",  # with task.name=reasoning_gym
+    "env": "actors.rewards.env:env_reward",  # the environment's own reward (env.name=skyrl:<id>, ...)
 })
 
 
@@ -49,7 +52,8 @@ FACTORIES: Mapping[str, Callable[..., RewardFn]] = LazyRegistry({
 
 
 def batched(fn: Callable) -> Callable:
-    """Mark `fn` as a group reward: `fn(completions, answer, [prompt], [metadata]) -> list[float]`."""
+    """Mark `fn` as a group reward: `fn(completions, answer, [prompt], [metadata], [info]) -> list[float]`
+    (`info`: one dict per completion)."""
     fn.batched = True
     return fn
 
@@ -59,7 +63,7 @@ def is_batched(fn: Callable) -> bool:
 
 
 def context_kwargs(fn: Callable) -> tuple[str, ...]:
-    """Which of `prompt` / `metadata` the function takes (both with `**kwargs`)."""
+    """Which of `prompt` / `metadata` / `info` the function takes (all with `**kwargs`)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature: the plain form

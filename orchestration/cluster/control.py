@@ -243,8 +243,9 @@ def scale(rollout: int, run: str | None = None, address: str | None = None,
     return answer["status"]
 
 
-def export(checkpoint: str, out: str | None = None) -> Path:
-    """Write the policy of a checkpoint as a Hugging Face directory (default `<checkpoint>/policy`)."""
+def export(checkpoint: str, out: str | None = None, merge: bool = False) -> Path:
+    """Write the policy of a checkpoint as a Hugging Face directory (default `<checkpoint>/policy`); a
+    LoRA checkpoint as its peft adapter (with `merge`, the merged model, adapter in `adapter/`)."""
     import torch
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -256,6 +257,8 @@ def export(checkpoint: str, out: str | None = None) -> Path:
     if not (hf / "config.json").is_file():
         raise ValueError(f"{checkpoint} is not a raygrpo checkpoint (no learner/hf/config.json)")
     target = Path(out) if out else src / "policy"
+    if (hf / "adapter_config.json").is_file():
+        return export_adapter(src, target, merge)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf), dtype=torch.float32)
     state = {"model": model.state_dict()}
     dcp.load(state, storage_reader=SafeReader(str(src / "learner")), planner=SafeLoadPlanner(), no_dist=True)
@@ -265,13 +268,37 @@ def export(checkpoint: str, out: str | None = None) -> Path:
     return target
 
 
+def export_adapter(src: Path, target: Path, merge: bool) -> Path:
+    """A LoRA checkpoint holds the adapters alone: peft's adapter on the base model its
+    adapter_config.json names (`base_model_name_or_path`, which must be readable here)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from peft import PeftConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from learner.checkpoint_io import SafeLoadPlanner, SafeReader
+    from learner.export import write_policy
+    from learner.lora import is_adapter
+
+    config = PeftConfig.from_pretrained(src / "learner" / "hf")
+    if not Path(config.base_model_name_or_path).exists():
+        raise FileNotFoundError(f"the adapter's base model {config.base_model_name_or_path} is not on this machine")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, dtype=torch.float32),
+                           config)
+    state = {"model": {k: v for k, v in model.state_dict().items() if is_adapter(k)}}
+    dcp.load(state, storage_reader=SafeReader(str(src / "learner")), planner=SafeLoadPlanner(), no_dist=True)
+    model.load_state_dict(state["model"], strict=False)  # the adapters (DCP raised on any the checkpoint lacks)
+    write_policy(model, model.state_dict(), str(target), str(src / "learner" / "hf"), lora=True, merge=merge)
+    return target
+
+
 def command(name: str, args: list[str]) -> int:
     """`raygrpo scale ...` / `raygrpo export ...`: key=value arguments; returns the exit status."""
     usage = {"scale": "raygrpo scale rollout=N run=<output_dir> [address=<ray address>]",
-             "export": "raygrpo export checkpoint=<dir> [out=<dir>]"}[name]
+             "export": "raygrpo export checkpoint=<dir> [out=<dir>] [merge=true]"}[name]
     try:
         kv = dict(a.split("=", 1) for a in args)
-        allowed = {"scale": {"rollout", "run", "address"}, "export": {"checkpoint", "out"}}[name]
+        allowed = {"scale": {"rollout", "run", "address"}, "export": {"checkpoint", "out", "merge"}}[name]
         if set(kv) - allowed:
             raise ValueError(f"unknown argument(s) {', '.join(sorted(set(kv) - allowed))}")
         if name == "scale":
@@ -279,7 +306,8 @@ def command(name: str, args: list[str]) -> int:
             print(f"asked for {kv['rollout']} rollout actors, applied before the run's next step "
                   f"(last reported: {status or 'nothing yet'})")
         else:
-            print(f"policy written to {export(kv['checkpoint'], kv.get('out'))}")
+            merge = kv.get("merge", "false").lower() in ("1", "true", "yes")
+            print(f"policy written to {export(kv['checkpoint'], kv.get('out'), merge)}")
     except KeyError as err:
         print(f"raygrpo: error: missing argument {err}\nusage: {usage}", file=sys.stderr)
         return 2

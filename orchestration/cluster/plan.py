@@ -7,7 +7,9 @@ tensor-parallel engine's bundles stay on one node (STRICT_PACK), as on a real cl
 
 The memory estimate per GPU process, from the model's config alone (no weights are read):
 - learner rank (FSDP2, fp32 master weights, AdamW): (4 weights + 4 grads + 8 Adam moments) bytes ×
-  parameters / ranks, + 4 bytes × parameters / ranks for a frozen reference (KL > 0), + activations
+  parameters / ranks, + 4 bytes × parameters / ranks for a frozen reference (KL > 0); with LoRA
+  (`learner.lora.rank` > 0) 4 bytes × parameters / ranks of frozen base, 16 bytes × adapter parameters /
+  ranks (the adapters train), and no reference (the base, adapters disabled), + activations
   of one micro-batch (`learner.micro_batch_tokens` × hidden × layers × 34 bytes; 2 bytes with
   gradient checkpointing) + its logits (tokens × vocabulary × 2 bytes of bf16 logits kept for
   backward, and 12 bytes per element of one `learner.logits_chunk_tokens` chunk of fp32 log-softmax
@@ -149,9 +151,10 @@ def place_on(cfg: Any, nodes: list[Node], roles: tuple[str, ...]) -> list[tuple[
     return rows
 
 
-def model_shape(path: str) -> dict[str, int] | None:
+def model_shape(path: str, lora: Any = None) -> dict[str, int] | None:
     """Parameters, hidden size, layers and vocabulary from the model's config (None if unreadable:
-    a hub id without network, say). Built on the meta device: nothing is allocated."""
+    a hub id without network, say), and with `lora` (`learner.lora`, rank > 0) the adapters'
+    parameters. Built on the meta device: nothing is allocated."""
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -163,8 +166,26 @@ def model_shape(path: str) -> dict[str, int] | None:
             model = AutoModelForCausalLM.from_config(config)
     except Exception:
         return None
-    return {"params": sum(p.numel() for p in model.parameters()), "hidden": config.hidden_size,
-            "layers": config.num_hidden_layers, "vocab": config.vocab_size}
+    shape = {"params": sum(p.numel() for p in model.parameters()), "hidden": config.hidden_size,
+             "layers": config.num_hidden_layers, "vocab": config.vocab_size}
+    if lora is not None and lora.rank > 0:
+        shape["lora_params"] = lora_params(model, lora.rank, list(lora.target_modules))
+    return shape
+
+
+def lora_params(model: Any, rank: int, targets: list[str]) -> int:
+    """Adapter parameters peft would add: r × (in + out) per targeted linear layer (`all-linear`: every
+    linear layer but the output head; else those whose name ends with a target)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if targets == ["all-linear"] or any(name == t or name.endswith(f".{t}") for t in targets):
+            total += rank * (module.in_features + module.out_features)
+    return total
 
 
 def memory_estimate(cfg: Any, shape: dict[str, int]) -> list[tuple[str, dict[str, float], str]]:
@@ -175,9 +196,13 @@ def memory_estimate(cfg: Any, shape: dict[str, int]) -> list[tuple[str, dict[str
     if t.learner_gpus > 0:
         tokens = l.micro_batch_tokens
         act = tokens * shape["hidden"] * shape["layers"] * (2 if cfg.model.gradient_checkpointing else 34)
-        parts = {"weights+grads+adam": 16 * p / l.num_ranks / GIB,
-                 "reference": (4 * p / l.num_ranks if cfg.algo.kl_coef > 0 else 0) / GIB,
-                 "activations": act / GIB, "logits": logits_bytes(cfg, tokens, shape["vocab"]) / GIB}
+        if l.lora.rank > 0:  # frozen fp32 base, trained adapters; the reference is the base itself
+            parts = {"base weights": 4 * p / l.num_ranks / GIB,
+                     "adapters+grads+adam": 16 * shape.get("lora_params", 0) / l.num_ranks / GIB, "reference": 0.0}
+        else:
+            parts = {"weights+grads+adam": 16 * p / l.num_ranks / GIB,
+                     "reference": (4 * p / l.num_ranks if cfg.algo.kl_coef > 0 else 0) / GIB}
+        parts.update(activations=act / GIB, logits=logits_bytes(cfg, tokens, shape["vocab"]) / GIB)
         total = sum(parts.values())
         warn = f"needs ~{total:.0f} GiB of a {gpu:.0f} GiB GPU: add ranks or lower learner.micro_batch_tokens" \
             if total > 0.9 * gpu else ""
@@ -190,7 +215,8 @@ def memory_estimate(cfg: Any, shape: dict[str, int]) -> list[tuple[str, dict[str
             f"{kv:.1f} GiB left for KV cache: raise rollout.gpu_memory_utilization or tensor_parallel_size")
         out.append(("engine worker", {"weights": weights, "kv_cache": max(kv, 0.0)}, warn))
     if t.colocate and t.learner_gpus > 0 and t.rollout_gpus > 0:
-        parts = {"learner weights": (4 * p + (4 * p if cfg.algo.kl_coef > 0 else 0)) / l.num_ranks / GIB,
+        reference = 4 * p if cfg.algo.kl_coef > 0 and l.lora.rank == 0 else 0
+        parts = {"learner weights": (4 * p + reference + 4 * shape.get("lora_params", 0)) / l.num_ranks / GIB,
                  "engine weights": weights, "buckets": 3 * (cfg.sync.bucket_mb << 20) / GIB}
         total = sum(parts.values())
         warn = f"the colocated weight sync needs ~{total:.0f} GiB of a {gpu:.0f} GiB GPU: lower sync.bucket_mb " \
@@ -221,7 +247,7 @@ def memory_lines(cfg: Any) -> list[str]:
     """The GPU memory estimate as text (nothing for a CPU-only topology)."""
     if cfg.topology.rollout_gpus == 0 and cfg.topology.learner_gpus == 0:
         return []
-    shape = model_shape(cfg.model.path)
+    shape = model_shape(cfg.model.path, cfg.learner.lora)
     if shape is None:
         return [f"GPU memory estimate: no config.json readable for {cfg.model.path}"]
     lines = [f"GPU memory per process, estimated for {shape['params'] / 1e9:.2f}B parameters on "

@@ -459,5 +459,7 @@ class ScoreJob:
 
 
 def score_request(group: Group, problem: Problem) -> ScoreRequest:
-    """What the reward functions see of one group: completions, reference answer, prompt, row."""
-    return ScoreRequest([c.text for c in group.completions], problem.answer, problem.prompt, problem.metadata)
+    """What the reward functions see of one group: completions, reference answer, prompt, row, and
+    each trajectory's counters (none for single replies)."""
+    infos = [c.info or {} for c in group.completions] if any(c.info is not None for c in group.completions) else []
+    return ScoreRequest([c.text for c in group.completions], problem.answer, problem.prompt, problem.metadata, infos)

@@ -48,6 +48,7 @@ class WeightSync:
         self.bucket_bytes = bucket_mb << 20
         self.workers_per_engine = workers_per_engine
         self.manifest = learner.weight_manifest()
+        self.adapter_config = learner.adapter_config()  # LoRA synced as an adapter: the engines' adapter_config.json
         self.generation = -1
         self.members: list[tuple] = []  # (actor, slot) of the current group generation, in rank order
         self.version = 0
@@ -82,7 +83,8 @@ class WeightSync:
                 common.update(host=host, port=int(port), world_size=1 + len(members) * self.workers_per_engine)
                 self.abort_at = (host, int(port), self.generation, common["secret"])
                 learner_refs = self.learner.join_weight_group(**common)
-                engine_refs = [a.join_weight_group.remote(rank_offset=1 + i * self.workers_per_engine, **common)
+                engine_refs = [a.join_weight_group.remote(rank_offset=1 + i * self.workers_per_engine,
+                                                          adapter_config=self.adapter_config, **common)
                                for i, (a, _) in enumerate(members)]
             self.members = members
             self._finish(learner_refs, engine_refs, members, f"joining weight-broadcast group {self.generation}")
@@ -100,7 +102,7 @@ class WeightSync:
         for (actor, _), address in zip(members, addresses):
             host, port = address.rsplit(":", 1)
             engine_refs.append(actor.join_weight_group.remote(host=host, port=int(port), rank_offset=1, world_size=2,
-                                                              **common))
+                                                              adapter_config=self.adapter_config, **common))
         return learner_refs, engine_refs
 
     def push(self, version: int) -> None:

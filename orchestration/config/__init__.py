@@ -22,6 +22,7 @@ from common.models import check_model_path
 from common.registry import one_of
 from learner.algos import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, SURROGATES
 from orchestration.config.gpu_layout import validate_gpus
+from orchestration.config.lora import ExportConfig, LoRAConfig, validate_lora
 from orchestration.config.recipe import (DistillConfig, PipelineConfig, ReasoningConfig, RejectionConfig, SFTConfig,
                                          validate_recipe)
 
@@ -46,9 +47,10 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    """Task that produces prompts and reference answers: `arithmetic` (the generator below) or
+    """Task that produces prompts and reference answers: `arithmetic` (the generator below),
     `reasoning_gym` (a reasoning-gym dataset, `task.gym_dataset`, scored by the `reasoning_gym`
-    reward; needs the `gym` extra)."""
+    reward; needs the `gym` extra) or `word_problems` (GSM8K-style word problems, generated; their
+    answers asked for as "#### <number>", for `env=skyrl_gsm8k`; uses `seed` and `test_size`)."""
     gym_dataset: str = "leg_counting"
     """reasoning-gym dataset of `task.name=reasoning_gym` (any name `reasoning_gym.create_dataset` knows)."""
     seed: int = 0
@@ -130,8 +132,10 @@ class RolloutConfig:
 class EnvConfig:
     name: str = "single"
     """The rollout's environment (`envs`): `single` (one reply per prompt: today's rollout), `tools`
-    (multi-turn tool calls, `env.tools`), or a custom environment `package.module:Class` (see
-    `envs.base.Environment`; built with `max_turns` and `tool_timeout_s`)."""
+    (multi-turn tool calls, `env.tools`), `skyrl:<id>` (a skyrl-gym environment, `envs.skyrl`: a
+    registered id such as `gsm8k`, `gsm8k_multi_turn`, or `package.module:Class`; judged by its own
+    reward with `reward=env`; needs the `gym` extra), or a custom environment `package.module:Class`
+    (see `envs.base.Environment`; built with `max_turns` and `tool_timeout_s`)."""
     tools: list[str] = field(default_factory=list)
     """Tools of `env=tools`: built-ins (`calculator`; `python`, run in the code sandbox) or any typed,
     documented function by import path `package.module:function`."""
@@ -142,6 +146,9 @@ class EnvConfig:
     max_total_tokens: int = 0
     """Tokens after the prompt (replies and observations) per trajectory; 0: model.max_model_len
     less the prompt. Each reply is limited by rollout.max_new_tokens as well."""
+    skyrl_config: dict[str, Any] = field(default_factory=dict)
+    """Settings of a `skyrl:<id>` environment, handed to it as its `env_config` (SkyRL's
+    `environment.skyrl_gym.<id>`), e.g. text2sql's `db_path`: `+env.skyrl_config.db_path=/data`."""
 
 
 @dataclass
@@ -206,6 +213,8 @@ class LearnerConfig:
     """Run each group's prompt once and its G completions on it (one packed row per group with a
     block attention mask; gradients equal the plain pass) instead of G copies of the prompt. Used
     where the model's attention takes such masks (sdpa, eager); plain padded rows otherwise."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters instead of full fine-tuning (`rank` > 0; see orchestration/config/lora.py)."""
 
 
 @dataclass
@@ -235,7 +244,9 @@ class AlgoConfig:
     """Entropy bonus coefficient (0 disables)."""
     overlong_buffer: int = 0
     """DAPO soft overlong punishment: a linear penalty over the last `overlong_buffer` tokens
-    before rollout.max_new_tokens (0 disables)."""
+    before rollout.max_new_tokens (0 disables). It measures what the policy writes: a reply's
+    tokens; for a multi-turn trajectory its longest reply (each reply has that limit), never the
+    environment's observation tokens nor the number of turns (env.* limits cut those)."""
     overlong_factor: float = 1.0
     """Scale of the overlong penalty (it reaches −overlong_factor at the limit)."""
     dynamic_sampling: bool = False
@@ -412,6 +423,8 @@ class Config:
     """Learner → engine weight broadcast."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Periodic and on-signal checkpoints (see `resume`)."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """What the exported policy holds with LoRA (the adapter, or the merged model)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Metrics sinks."""
     ray: RayConfig = field(default_factory=RayConfig)
@@ -443,7 +456,12 @@ def register_configs() -> None:
 def validate_env(e: Any) -> None:
     """`env.*`: a known or importable-looking environment, tools only for `tools`, sane limits."""
     check(e.name in ("single", "tools") or ":" in e.name,
-          f"env.name must be single, tools or package.module:Class, got {e.name!r}")
+          f"env.name must be single, tools, skyrl:<id> or package.module:Class, got {e.name!r}")
+    if e.name.startswith("skyrl:"):
+        from envs.skyrl import check_id
+
+        check_id(e.name.removeprefix("skyrl:"))
+    check(e.name.startswith("skyrl:") or not e.skyrl_config, f"env.skyrl_config is only for env.name=skyrl:<id>, got {e.name!r}")
     check(e.max_turns >= 1, f"env.max_turns must be >= 1, got {e.max_turns}")
     check(e.name != "single" or e.max_turns == 1, "env.max_turns > 1 needs a multi-turn env (env=tools or a custom one)")
     check(e.name != "tools" or len(e.tools) > 0, "env=tools needs at least one tool (env.tools=[calculator])")
@@ -504,8 +522,8 @@ def validate(cfg: Any) -> None:
            f"learner.micro_batch_tokens ({l.micro_batch_tokens}) must hold one full sequence "
            f"(rollout.max_prompt_tokens + rollout.max_new_tokens = {r.max_prompt_tokens + r.max_new_tokens})")
     validate_rewards(cfg)
-    check(cfg.task.name in ("arithmetic", "reasoning_gym"),
-          f"unknown task {cfg.task.name!r} (known: arithmetic, reasoning_gym)")
+    check(cfg.task.name in ("arithmetic", "reasoning_gym", "word_problems"),
+          f"unknown task {cfg.task.name!r} (known: arithmetic, reasoning_gym, word_problems)")
     d = cfg.data
     check(d.epochs >= 1, f"data.epochs must be >= 1, got {d.epochs}")
     check(bool(d.prompt_key) and bool(d.answer_key), "data.prompt_key and data.answer_key must not be empty")
@@ -515,6 +533,7 @@ def validate(cfg: Any) -> None:
            f"logger.samples_every_n_steps must be >= 0, got {cfg.logger.samples_every_n_steps}")
     check(r.kv_cache_gb >= 1, f"rollout.kv_cache_gb must be >= 1 (GiB of KV cache per CPU engine), got {r.kv_cache_gb}")
     check(l.max_skipped_steps >= 0, f"learner.max_skipped_steps must be >= 0, got {l.max_skipped_steps}")
+    validate_lora(cfg, check)
     check(cfg.checkpoint.every_n_steps >= 0, f"checkpoint.every_n_steps must be >= 0, got {cfg.checkpoint.every_n_steps}")
     check(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     check(cfg.sync.bucket_mb >= 1, f"sync.bucket_mb must be >= 1, got {cfg.sync.bucket_mb}")
@@ -548,6 +567,9 @@ def validate_rewards(cfg: Any) -> None:
             resolve(name, settings.get(name))
         except UnknownRewardError as e:
             raise ConfigError(f"reward function {name!r}: {e}") from None
+    check("env" not in list(cfg.reward.functions) + [cfg.eval.reward] or cfg.env.name != "single",
+          "the `env` reward is the environment's own: it needs a multi-turn env that reports rewards "
+          "(env=skyrl_gsm8k, env.name=skyrl:<id> or your own)")
     check(cfg.reward.timeout_s > 0, f"reward.timeout_s must be > 0, got {cfg.reward.timeout_s}")
     if "code_tests" in list(cfg.reward.functions) + [cfg.eval.reward]:
         from actors.rewards.code import TIME_LIMIT_S

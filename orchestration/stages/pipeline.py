@@ -29,7 +29,8 @@ from orchestration.config.recipe import STAGE_REF, refs_in
 from orchestration.config.stages import STAGES
 
 log = logging.getLogger("raygrpo")
-COLUMNS = ("eval/accuracy", "eval/format_rate", "eval/response_length")
+COLUMNS = ("eval/accuracy", "eval/format_rate", "eval/tool_call_rate", "eval/well_formed_rate",
+           "eval/response_length")
 
 
 def resolve_refs(value: Any, outputs: dict[str, Path]) -> Any:

@@ -56,16 +56,20 @@ def prepare(cfg: Any) -> SFTData:
 
 
 def cold_start_examples(cfg: Any, path: Path) -> list[Example]:
-    """The arithmetic task's worked solutions (`sft.worked_solutions` rows), also written to `path`."""
+    """The arithmetic task's worked solutions (`sft.worked_solutions` rows), also written to `path`:
+    calculator traces when the environment has the `calculator` tool, else think-format solutions."""
     from tasks import make_task
     from tasks.arithmetic import ArithmeticTask
-    from tasks.worked import worked_rows
+    from tasks.worked import tool_rows, worked_rows
 
     task = make_task(cfg)
     if not isinstance(task, ArithmeticTask):
         raise ConfigError("sft.train_files is empty: give prompt/response files (worked solutions are "
                           "written only for the arithmetic task)")
-    rows = worked_rows(task, cfg.sft.worked_solutions, cfg.seed, cfg.reasoning.open_tag, cfg.reasoning.close_tag)
+    if cfg.env.name == "tools" and "calculator" in cfg.env.tools:
+        rows = tool_rows(task, cfg.sft.worked_solutions, cfg.seed)
+    else:
+        rows = worked_rows(task, cfg.sft.worked_solutions, cfg.seed, cfg.reasoning.open_tag, cfg.reasoning.close_tag)
     if not cfg.dry_run:
         write_jsonl(rows, path)
     return [Example(r["prompt"], r["response"], f"{path.name}:{i + 1}") for i, r in enumerate(rows)]
@@ -88,7 +92,7 @@ def run_sft(cfg: Any, placement: Any, data: SFTData) -> Path:
     learner = actors.learner
     logger = RunLogger(cfg.output_dir, config_dict(cfg), cfg.logger.wandb, len(plan), cfg.logger.progress,
                        desc=cfg.stage)
-    held_out = lambda: nll(learner.logprobs(val.batch(list(range(len(val))))))  # noqa: E731
+    held_out = lambda: nll(learner.logprobs(val.batch(list(range(len(val))))), val.masks)  # noqa: E731
     every = cfg.sft.eval_every_n_steps
     try:
         first = held_out()
@@ -103,7 +107,7 @@ def run_sft(cfg: Any, placement: Any, data: SFTData) -> Path:
             if step == 0:
                 metrics.update({**stats, "sft/val_loss_start": first})
             logger.log(step, {"sft/train_loss": metrics["learner/nll"], **metrics})
-        learner.save_pretrained(str((out / "policy").resolve()))
+        learner.save_pretrained(str((out / "policy").resolve()), merge=cfg.export.merge)  # LoRA: adapter (+ merged)
     finally:
         logger.close()
         actors.shutdown()
@@ -120,11 +124,13 @@ def encode_both(cfg: Any, data: SFTData) -> tuple[Encoded, Encoded]:
     from transformers import AutoTokenizer
 
     from common.models import resolve_model_path
+    from envs import make_env
+    from orchestration.cluster.launch import env_spec
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(data.model_path))
-    limit = cfg.model.max_model_len
-    train = encode(data.train, tokenizer, cfg.task.system_prompt, limit)
-    val = encode(data.val, tokenizer, cfg.task.system_prompt, limit)
+    limit, tools = cfg.model.max_model_len, make_env(env_spec(cfg)).tools()  # prompts as the engines render them
+    train = encode(data.train, tokenizer, cfg.task.system_prompt, limit, tools)
+    val = encode(data.val, tokenizer, cfg.task.system_prompt, limit, tools)
     if not len(train) or not len(val):
         raise ConfigError(f"no SFT row fits model.max_model_len={limit} tokens "
                           f"({train.too_long + val.too_long} rows longer)")

@@ -96,6 +96,11 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
+# Fields given to a state class after checkpoints were first written without them: an older
+# run.json may lack exactly these (they take their defaults); every other field must be there.
+ADDED_LATER = {"Completion": {"mask", "turns", "info"}, "Prompt": {"answer", "metadata"}}
+
+
 def state_types() -> dict[str, type]:
     """The only classes run.json may hold, by tag: what a `RunState` is made of."""
     from actors.scoring import Score
@@ -148,7 +153,8 @@ def from_json(value: Any, types: dict[str, type]) -> Any:
     if tag == "dict" and isinstance(inner, list) and all(isinstance(p, list) and len(p) == 2 for p in inner):
         return {from_json(k, types): from_json(v, types) for k, v in inner}
     cls = types.get(tag)
-    if cls is None or not isinstance(inner, dict) or set(inner) != {f.name for f in fields(cls)}:
+    names = {f.name for f in fields(cls)} if cls is not None else set()
+    if cls is None or not isinstance(inner, dict) or not names - ADDED_LATER.get(tag, set()) <= set(inner) <= names:
         raise ValueError(f"unknown or malformed tag ${tag[:40]}")
     return cls(**{k: from_json(v, types) for k, v in inner.items()})
 

@@ -35,10 +35,10 @@ def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_pro
     greedy_spec = SamplingSpec(n=1, temperature=0.0, max_tokens=cfg.max_new_tokens)
     sampled_spec = SamplingSpec(n=cfg.pass_k, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
     seeds = [sampling_seed(cfg.seed, "eval", i) for i in range(len(problems))]  # the same draws at every evaluation
-    prompts = [Prompt(p.id, p.prompt, system_prompt) for p in problems]
+    prompts = [Prompt(p.id, p.prompt, system_prompt, p.answer, p.metadata) for p in problems]
     specs = [greedy_spec] * len(prompts)
     if cfg.pass_k > 1:
-        prompts += [Prompt(f"{p.id}{SAMPLED}", p.prompt, system_prompt) for p in problems]
+        prompts += [Prompt(f"{p.id}{SAMPLED}", p.prompt, system_prompt, p.answer, p.metadata) for p in problems]
         specs += [replace(sampled_spec, seed=seed) for seed in seeds]
     result = rollout.generate(prompts, specs)
     greedy = [g for g in result.groups if not g.prompt.id.endswith(SAMPLED)]
@@ -55,6 +55,7 @@ def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_pro
             "eval/failed": float(sum(not s.ok for s in judged)),
             "eval/policy_version": float(min((g.version for g in result.groups), default=0)),
         }
+        metrics.update(tool_metrics([g.completions[0].info or {} for g in greedy]))
         if fmt:  # the share of greedy replies in the recipe's format (e.g. one think block, then the answer)
             metrics["eval/format_rate"] = sum(s.parts.get(fmt, 0.0) >= 1.0 for s in judged) / max(1, len(problems))
         if cfg.pass_k > 1:
@@ -62,9 +63,27 @@ def evaluate(rollout: RolloutPool, problems: list[Problem], cfg: Any, system_pro
             hits = [any(s.parts.get(cfg.reward, 0.0) >= 1.0 for s in row) for row in rows]
             metrics[f"eval/pass@{cfg.pass_k}"] = sum(hits) / max(1, len(problems))
     samples = [{"prompt": prompt_text(g.prompt.content), "answer": by_id[g.prompt.id].answer,
-                "reply": g.completions[0].text, "correct": v >= 1.0}
+                "reply": g.completions[0].text, "correct": v >= 1.0,
+                **({"trajectory": transcript(g.completions[0].turns)} if g.completions[0].turns is not None else {})}
                for g, v in zip(greedy[:num_samples], values)]
     return EvalResult(metrics, samples)
+
+
+def tool_metrics(infos: list[dict[str, float]]) -> dict[str, float]:
+    """Of multi-turn replies with tools (their `Completion.info`; {} when none called or could
+    call one): eval/tool_call_rate, the share that called a tool at least once, and
+    eval/well_formed_rate, the share of `<tool_call>` blocks that parsed."""
+    if not any("tool_calls" in i for i in infos):
+        return {}
+    calls = sum(i.get("tool_calls", 0.0) for i in infos)
+    bad = sum(i.get("tool_malformed", 0.0) for i in infos)
+    return {"eval/tool_call_rate": sum(i.get("tool_calls", 0.0) > 0 for i in infos) / len(infos),
+            "eval/well_formed_rate": calls / (calls + bad) if calls + bad else 0.0}
+
+
+def transcript(turns: list[dict[str, str]]) -> str:
+    """A trajectory's turns after the prompt, each visible: "[assistant] ...", "[tool] ..."."""
+    return "\n".join(f"[{m['role']}] {m['content']}" for m in turns)
 
 
 SAMPLED = "#sampled"  # id suffix of the pass@k copies of the held-out prompts

@@ -22,7 +22,7 @@ from orchestration.report.metrics import RunLogger, Timer
 from orchestration.report.reasoning import reasoning_metrics
 from orchestration.train.batching import build_batch, overlong_shaping
 from orchestration.train.checkpoint import config_dict
-from orchestration.train.evaluation import EvalResult, evaluate
+from orchestration.train.evaluation import EvalResult, evaluate, transcript
 from orchestration.train.lifecycle import Lifecycle
 from orchestration.train.producer import Producer, Sampled, collect_evals
 from tasks.base import Task, prompt_text
@@ -72,13 +72,15 @@ def train(cfg: Any, actors: Actors, logger: RunLogger, task: Task, life: Lifecyc
                             sampled.metrics["sampling/rounds"])
                 logger.log(step, {**state.pending, **sampled.metrics, **timer.breakdown()})
             else:
+                trained_from = actors.sync.version  # the learner's weights: what staleness is measured from
                 with timer("learner"):
                     actors.to_learner()
                     batch, rewards, padded = make_batch(cfg, sampled, actors.learner)
                     learner_metrics = actors.learner.train_step(batch)
                 with timer("sync"), actors.handover():
                     actors.sync.push(step + 1)  # admits new engines and rebuilds the group when it changed
-                metrics = step_metrics(step, sampled, rewards, learner_metrics, timer, padded, actors, cfg.reasoning)
+                metrics = step_metrics(trained_from, sampled, rewards, learner_metrics, timer, padded, actors,
+                                       cfg.reasoning)
                 logger.log(step, {**metrics, **state.pending})
             state.pending = {}
             life.after_step(step, producer, learner_metrics)
@@ -106,11 +108,6 @@ def sample_rows(sampled: Sampled, num_prompts: int) -> list[dict[str, Any]]:
     return rows
 
 
-def transcript(turns: list[dict[str, str]]) -> str:
-    """A trajectory's turns after the prompt, each visible: "[assistant] ...", "[tool] ..."."""
-    return "\n".join(f"[{m['role']}] {m['content']}" for m in turns)
-
-
 def make_batch(cfg: Any, sampled: Sampled, learner: LearnerGroup) -> tuple[TrainBatch, torch.Tensor, int]:
     """Rewards (+ overlong shaping, − β·KL when the KL lives in the reward) → advantages → batch,
     padded with zero-weight rows to split evenly over ranks × mini-batches."""
@@ -129,7 +126,7 @@ def save_outputs(cfg: Any, actors: Actors) -> Path:
     """The final policy as an HF directory in the run directory, and what the engines last loaded."""
     out = Path(cfg.output_dir)
     policy = out / "policy"
-    actors.learner.save_pretrained(str(policy.resolve()))
+    actors.learner.save_pretrained(str(policy.resolve()), merge=cfg.export.merge)  # LoRA: adapter, or merged too
     sync = {"version": actors.sync.version, "dtype": actors.sync.dtype, "bucket_bytes": actors.sync.bucket_bytes,
             "engine_checksums": actors.sync.last_checksums}
     (out / "sync.json").write_text(json.dumps(sync, indent=1))
@@ -156,7 +153,7 @@ def trajectory_metrics(completions: list) -> dict[str, float]:
     return out
 
 
-def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
+def step_metrics(version: int, sampled: Sampled, rewards: torch.Tensor, learner: dict[str, float], timer: Timer,
                  padded: int, actors: Actors, reasoning: Any) -> dict[str, float]:
     """Everything a user watches per step, named `area/metric` (`reasoning/*`: see reasoning_metrics)."""
     scores = sampled.scores
@@ -171,7 +168,8 @@ def step_metrics(step: int, sampled: Sampled, rewards: torch.Tensor, learner: di
                 parts.setdefault(name, []).append(value)
     zero_var = [not has_variance(row) for row in rewards.tolist()]
     times = {**timer.breakdown(), **{k: v for k, v in sampled.metrics.items() if k.startswith("time/")}}
-    staleness = torch.tensor([float(step - g.version) for g in sampled.groups])  # the learner holds version `step`
+    # versions behind the weights the learner trained (`version`: a step whose update was skipped pushed none)
+    staleness = torch.tensor([float(version - g.version) for g in sampled.groups])
     m = {
         "reward/mean": float(rewards[ok].mean()) if ok.any() else float("nan"),
         "reward/std": float(rewards[ok].std()) if ok.sum() > 1 else 0.0,

@@ -117,7 +117,7 @@ class Producer:
         """One round: each group's scoring starts as soon as the engine yields it. Returns groups,
         scores [P][G] (in prompt order) and the dropped prompt ids; adds to generate/reward seconds."""
         by_id = {p.id: p for p in problems}
-        prompts = [Prompt(p.id, p.prompt, self.cfg.task.system_prompt) for p in problems]
+        prompts = [Prompt(p.id, p.prompt, self.cfg.task.system_prompt, p.answer, p.metadata) for p in problems]
         start = time.perf_counter()
         groups, jobs, dropped = [], [], []
         for part in self.rollout.stream(prompts, specs):
