@@ -1,9 +1,11 @@
 """The task interface: where a run's prompts and reference answers come from.
 
-A task hands the driver training problems by step and a fixed held-out set. Two tasks exist:
-`tasks.arithmetic.ArithmeticTask` (a seeded generator, the default) and `tasks.files.FileTask`
-(the user's JSONL / JSON / Parquet / `save_to_disk` files). Both are deterministic functions of
-their seed and the step, so a run can be repeated (and later resumed) batch for batch.
+A task hands the driver training problems by step and a fixed held-out set:
+`tasks.arithmetic.ArithmeticTask` (a seeded generator, the default), `tasks.files.FileTask`
+(the user's JSONL / JSON / Parquet / `save_to_disk` files), `tasks.word_problems.WordProblemTask` (generated
+GSM8K-style problems), `tasks.gym.GymTask` (reasoning-gym) and `tasks.humaneval` (HumanEval rows for the file task). Each is a
+deterministic function of its seed and the step, so a run can be repeated (and later resumed)
+batch for batch.
 """
 
 from __future__ import annotations
