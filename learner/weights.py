@@ -133,7 +133,7 @@ def checksums_match(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
 # --------------------------------------------------------------------------- rendezvous
 
 
-NCCL_GRACE_S = 30.0  # NCCL's collective timeout is the driver's deadline plus this
+BACKEND_GRACE_S = 30.0  # NCCL's and gloo's own collective timeout is our deadline plus this
 
 
 class WeightTransport(ABC):
@@ -171,17 +171,19 @@ class BroadcastTransport(WeightTransport):
         timeout = timedelta(seconds=timeout_s)
         self.store, store = join_store(host, port, rank, world_size, f"weights-{generation}", secret, timeout)
         self.signed = store  # the process group holds it; kept alive with the transport
-        if backend == "nccl":
-            # GPU-only path. NCCL's own deadline sits past ours (`timeout_s`, waited for on the CPU
-            # in `_wait`): its watchdog is the backstop for a collective we could not abort, and it
-            # aborts without killing the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 in the job's
-            # environment).
+        # The backend's own deadline sits past ours (`timeout_s`, waited for on the CPU in `_wait`),
+        # so a stalled broadcast always ends in our TimeoutError, never in a race with the
+        # backend's error. NCCL's watchdog is the backstop for a collective we could not abort, and
+        # it aborts without killing the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=2 in the job's
+        # environment).
+        backend_timeout = timeout + timedelta(seconds=BACKEND_GRACE_S)
+        if backend == "nccl":  # GPU-only path
             opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout + timedelta(seconds=NCCL_GRACE_S)
+            opts._timeout = backend_timeout
             self.group = dist.ProcessGroupNCCL(store, rank, world_size, opts)
         elif backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
-            opts._timeout = timeout
+            opts._timeout = backend_timeout
             # gloo's own listeners on this rank's address towards the root (by default it binds to
             # whatever the hostname resolves to), like the store
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address(host) if rank else host)]

@@ -296,8 +296,9 @@ def test_unknown_backend_rejected():
         BroadcastTransport("127.0.0.1", _free_port(), 0, 1, "mpi", timeout_s=3, secret=SECRET)
 
 
-def _stalled_receiver(port: int, rank: int, world_size: int, joined, release) -> None:
+def _stalled_receiver(port: int, rank: int, world_size: int, started, joined, release) -> None:
     """Joins the group, then never receives: a hung engine (alive, answering nothing)."""
+    started.set()  # torch is imported: the join below is quick, even on a loaded machine
     t = make_transport("gloo", "127.0.0.1", port, rank, world_size, generation=1, timeout_s=60, secret=SECRET)
     joined.set()
     release.wait(120)
@@ -308,10 +309,11 @@ def _send_to_a_stalled_receiver(timeout_s: float, abort_after_s: float | None, s
     """Send 64 MiB (more than the sockets buffer) to one receiver that never receives; the driver
     (this test) posts an abort after `abort_after_s`, signed with `secret`. Returns (error, seconds)."""
     ctx = mp.get_context("spawn")
-    port, joined, release = _free_port(), ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_stalled_receiver, args=(port, 1, 2, joined, release), daemon=True)
+    port, started, joined, release = _free_port(), ctx.Event(), ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_stalled_receiver, args=(port, 1, 2, started, joined, release), daemon=True)
     proc.start()
     try:
+        assert started.wait(120)
         sender = make_transport("gloo", "127.0.0.1", port, 0, 2, generation=1, timeout_s=timeout_s, secret=SECRET)
         assert joined.wait(60)
         if abort_after_s is not None:

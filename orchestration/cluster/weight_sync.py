@@ -26,7 +26,7 @@ from ray.exceptions import RayActorError
 
 from learner.group import LearnerGroup, LearnerLost
 from learner.group_store import new_secret
-from learner.weights import NCCL_GRACE_S, checksums_match, post_abort
+from learner.weights import BACKEND_GRACE_S, checksums_match, post_abort
 from orchestration.cluster.pools import RolloutPool, _why
 
 log = logging.getLogger("raygrpo")
@@ -63,7 +63,7 @@ class WeightSync:
     def member_timeout_s(self) -> float:
         """The members' own collective timeout: short of the driver's deadline by a margin (and, for
         NCCL, by the grace its watchdog adds), so a healthy member returns before the deadline."""
-        margin = min(10.0, 0.25 * self.timeout_s) + (NCCL_GRACE_S if self.backend == "nccl" else 0.0)
+        margin = min(10.0, 0.25 * self.timeout_s) + (BACKEND_GRACE_S if self.backend == "nccl" else 0.0)
         return max(1.0, self.timeout_s - margin)
 
     def connect(self) -> None:
