@@ -21,11 +21,21 @@ peft directory the engine then loads as a new LoRA adapter (`RolloutActor.receiv
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
 
 from learner.weights import TensorSpec, device_checksum, make_transport, plan_buckets, read_checksums, unpack
+
+
+class _NoLayerwiseWarning(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" during our reloads: it names layers no tensor
+    is sent for (a tied lm_head, rotary embeddings' buffers), every sync, while `receive_weights`
+    already fails on any parameter the reload did not load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to load weights" not in record.getMessage()
 
 
 class WeightSyncExtension:
@@ -113,10 +123,14 @@ class WeightSyncExtension:
             return names
 
         model.load_weights = recording  # an instance attribute, over the class's method
+        quiet = _NoLayerwiseWarning()
+        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        layerwise.addFilter(quiet)
         try:
             self.reload_weights(weights_iterator=weights)
         finally:
             del model.load_weights
+            layerwise.removeFilter(quiet)
         return loaded
 
     def _tied_lm_head(self) -> tuple:

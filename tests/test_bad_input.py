@@ -202,7 +202,7 @@ def _model_dir(d: Path) -> Path:
 
 
 CLI_CASES = {  # name: (overrides given the test's directory, what the one line says)
-    "preset": (lambda d: ["experiment=nope"], "unknown experiment preset 'nope' (known: demo, r1_cpu, r1_smoke, smoke, tools_cpu)"),
+    "preset": (lambda d: ["experiment=nope"], "unknown experiment preset 'nope' (known: demo, demo_lora, r1_cpu, r1_smoke, smoke, tools_cpu)"),
     "output_dir": (lambda d: [f"output_dir={_write(d / 'file', 'x')}/out"], "cannot be written: Not a directory"),
     "model": (lambda d: [f"model.path={_model_dir(d)}"], "config.json has no model_type"),
     "ray_address": (lambda d: [f"ray.address=127.0.0.1:{_closed_port()}"], "cannot reach the Ray cluster at 127.0.0.1:"),

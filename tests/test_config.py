@@ -90,6 +90,18 @@ def test_experiment_composes_and_validates(name, monkeypatch):
                      OmegaConf.to_container(node, resolve=True), package)
 
 
+def test_demo_lora_is_the_demo_with_adapters():
+    """experiment=demo_lora differs from experiment=demo in its name (and so its output_dir), the lr and the adapters only,
+    so the README's comparison of the two stays like for like."""
+    demo = OmegaConf.to_container(make_cfg("experiment=demo"), resolve=True)
+    lora = OmegaConf.to_container(make_cfg("experiment=demo_lora"), resolve=True)
+    assert (lora["learner"]["lr"], demo["learner"]["lr"]) == (1e-4, 1e-5)
+    assert lora["learner"]["lora"]["rank"] == 16 and demo["learner"]["lora"]["rank"] == 0
+    for cfg in (demo, lora):
+        del cfg["experiment"], cfg["output_dir"], cfg["learner"]["lr"], cfg["learner"]["lora"]  # runs/<experiment>
+    assert lora == demo
+
+
 @pytest.mark.parametrize("group,preset", PRESETS, ids=[f"{g}={p}" for g, p in PRESETS])
 def test_preset_composes_and_validates(group, preset, monkeypatch):
     cfg = make_cfg(f"{group}={preset}")
